@@ -116,17 +116,33 @@ def first_valid_shift(x: jax.Array, red_axes: tuple[int, ...],
   return jnp.where(valid, picked, fallback.astype(sdt))
 
 
+def independent(*values):
+  """Copies of small arrays that XLA cannot common up with the originals.
+
+  XLA:CPU materializes a full-size broadcast (or ``x - shift``) when two
+  reductions share it, instead of fusing it into each; a barrier on the
+  per-feature operand keeps every consumer's producer separate, so each
+  reduction reads ``x`` straight from memory. It costs nothing at run time.
+  """
+  return lax.optimization_barrier(values)
+
+
 def _local_sums(x, red_axes, mask, shift):
-  """(S1, S2, n) of ``x - shift`` over ``red_axes``, in the stat dtype."""
-  d = x.astype(shift.dtype) - shift
+  """(S1, S2, n) of ``x - shift`` over ``red_axes``, in the stat dtype.
+
+  S1 and S2 are two reductions over ``x`` that XLA fuses with their
+  elementwise producers (see :func:`independent`).
+  """
+  xs = x.astype(shift.dtype)
+  shift2, mask2 = independent(shift, mask)
   if mask is None:
-    n = math.prod(x.shape[a] for a in red_axes)
-    s1 = jnp.sum(d, axis=red_axes, keepdims=True)
-    s2 = jnp.sum(d * d, axis=red_axes, keepdims=True)
-    return s1, s2, jnp.asarray(n, shift.dtype)
-  d = jnp.where(mask, d, 0)
-  s1 = jnp.sum(d, axis=red_axes, keepdims=True)
-  s2 = jnp.sum(d * d, axis=red_axes, keepdims=True)
+    n = jnp.asarray(math.prod(x.shape[a] for a in red_axes), shift.dtype)
+    s1 = jnp.sum(xs - shift, axis=red_axes, keepdims=True)
+    s2 = jnp.sum(jnp.square(xs - shift2), axis=red_axes, keepdims=True)
+    return s1, s2, n
+  s1 = jnp.sum(jnp.where(mask, xs - shift, 0), axis=red_axes, keepdims=True)
+  s2 = jnp.sum(jnp.where(mask2, jnp.square(xs - shift2), 0), axis=red_axes,
+               keepdims=True)
   # Count over the axes the mask spans; broadcast axes multiply the count.
   spanned = tuple(a for a in red_axes if mask.shape[a] != 1)
   repeat = math.prod(x.shape[a] for a in red_axes if mask.shape[a] == 1)
