@@ -383,13 +383,14 @@ def _train_fwd(cfg, x, scale, bias, shift, mask):
 
 def _train_bwd(cfg, residuals, cts):
   x, scale, bias, mean, inv, count, mask = residuals
-  gy = cts[0].astype(inv.dtype)  # cotangents of the statistics are ignored
-  xs = x.astype(inv.dtype)
-  # Two reductions over (gy, x): sum(gy) and sum(gy * (x - mean)); the
-  # barrier keeps XLA from materializing x - mean for the reduction and dx.
-  (mean_r,) = _moments.independent(mean)
-  sg = jnp.sum(gy, axis=cfg.red_axes, keepdims=True)
-  sgx = jnp.sum(gy * (xs - mean_r), axis=cfg.red_axes, keepdims=True)
+  sdt = inv.dtype
+  ct = cts[0]  # the cotangents of the statistics are ignored
+  # Two reductions, sum(gy) and sum(gy * (x - mean)), each on private
+  # operands so that XLA fuses converts and products into them.
+  (ct1, _, _), (ct2, x2, mean2) = _moments.independent((ct, x, mean), 2)
+  sg = jnp.sum(ct1.astype(sdt), axis=cfg.red_axes, keepdims=True)
+  sgx = jnp.sum(ct2.astype(sdt) * (x2.astype(sdt) - mean2),
+                axis=cfg.red_axes, keepdims=True)
   # dx needs the sums over the whole (global) batch: ONE all-reduce.
   sg_all, sgx_all = _moments.all_reduce_sum([sg, sgx], cfg.axis_name,
                                             cfg.axis_index_groups)
@@ -398,10 +399,11 @@ def _train_bwd(cfg, residuals, cts):
   k1 = k * sg_all
   k2 = k * inv * inv * sgx_all
   # dx = a * gy - mask * (k1 + k2 * (x - mean)), one elementwise pass.
+  gy, xc = ct.astype(sdt), x.astype(sdt) - mean
   if mask is None:
-    dx = a * gy - (k1 + k2 * (xs - mean))
+    dx = a * gy - (k1 + k2 * xc)
   else:
-    dx = a * gy - jnp.where(mask, k1 + k2 * (xs - mean), 0)
+    dx = a * gy - jnp.where(mask, k1 + k2 * xc, 0)
   dx = dx.astype(x.dtype)
 
   def param_ct(primal, local, total):

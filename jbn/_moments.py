@@ -116,15 +116,21 @@ def first_valid_shift(x: jax.Array, red_axes: tuple[int, ...],
   return jnp.where(valid, picked, fallback.astype(sdt))
 
 
-def independent(*values):
-  """Copies of small arrays that XLA cannot common up with the originals.
+def independent(values, copies: int = 1):
+  """``copies`` copies of ``values`` that XLA cannot common up with each other.
 
-  XLA:CPU materializes a full-size broadcast (or ``x - shift``) when two
-  reductions share it, instead of fusing it into each; a barrier on the
-  per-feature operand keeps every consumer's producer separate, so each
-  reduction reads ``x`` straight from memory. It costs nothing at run time.
+  XLA:CPU's reduction fusions take their elementwise producers (a shift, a
+  dtype convert, a product) only when no other op shares them; a shared
+  producer is materialized in full and re-read instead. Giving each
+  reduction its own barrier'd operands keeps every producer private, so each
+  reduction reads ``x`` straight from memory. The barriers are chained (two
+  identical barriers would be merged) and are identities: nothing is copied.
   """
-  return lax.optimization_barrier(values)
+  out = []
+  for _ in range(copies):
+    values = lax.optimization_barrier(values)
+    out.append(values)
+  return out
 
 
 def _local_sums(x, red_axes, mask, shift):
@@ -133,20 +139,20 @@ def _local_sums(x, red_axes, mask, shift):
   S1 and S2 are two reductions over ``x`` that XLA fuses with their
   elementwise producers (see :func:`independent`).
   """
-  xs = x.astype(shift.dtype)
-  shift2, mask2 = independent(shift, mask)
+  sdt = shift.dtype
+  (x1, shift1, mask1), (x2, shift2, mask2) = independent((x, shift, mask), 2)
+  d1 = x1.astype(sdt) - shift1
+  d2 = jnp.square(x2.astype(sdt) - shift2)
   if mask is None:
-    n = jnp.asarray(math.prod(x.shape[a] for a in red_axes), shift.dtype)
-    s1 = jnp.sum(xs - shift, axis=red_axes, keepdims=True)
-    s2 = jnp.sum(jnp.square(xs - shift2), axis=red_axes, keepdims=True)
-    return s1, s2, n
-  s1 = jnp.sum(jnp.where(mask, xs - shift, 0), axis=red_axes, keepdims=True)
-  s2 = jnp.sum(jnp.where(mask2, jnp.square(xs - shift2), 0), axis=red_axes,
-               keepdims=True)
-  # Count over the axes the mask spans; broadcast axes multiply the count.
-  spanned = tuple(a for a in red_axes if mask.shape[a] != 1)
-  repeat = math.prod(x.shape[a] for a in red_axes if mask.shape[a] == 1)
-  n = jnp.sum(mask, axis=spanned, keepdims=True, dtype=shift.dtype) * repeat
+    n = jnp.asarray(math.prod(x.shape[a] for a in red_axes), sdt)
+  else:
+    d1, d2 = jnp.where(mask1, d1, 0), jnp.where(mask2, d2, 0)
+    # Count over the axes the mask spans; broadcast axes multiply the count.
+    spanned = tuple(a for a in red_axes if mask.shape[a] != 1)
+    repeat = math.prod(x.shape[a] for a in red_axes if mask.shape[a] == 1)
+    n = jnp.sum(mask, axis=spanned, keepdims=True, dtype=sdt) * repeat
+  s1 = jnp.sum(d1, axis=red_axes, keepdims=True)
+  s2 = jnp.sum(d2, axis=red_axes, keepdims=True)
   return s1, s2, n
 
 
