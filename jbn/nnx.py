@@ -1,0 +1,236 @@
+"""``jbn.nnx.BatchNorm``: the counterpart of ``flax.nnx.BatchNorm``.
+
+The module holds no maths: it keeps Flax NNX's variables (``Param`` ``scale``
+and ``bias``, ``BatchStat`` ``mean`` and ``var``), hands them to
+:func:`jbn.batch_norm` and writes back the running statistics it returns.
+Modes switch as in Flax: ``model.train()`` / ``model.eval()``,
+``nnx.view(model, use_running_average=...)``, ``set_attributes``, or the
+``use_running_average`` argument of the constructor or of ``__call__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jbn._functional import _canonical_axes
+from jbn._functional import batch_norm
+from jbn.linen import _as_train_flag
+from jbn.linen import _flax_mask
+
+Array = jax.Array
+Dtype = Any
+Initializer = Any
+
+_NO_MODE = (
+    "No `use_running_average` argument was provided to BatchNorm. Consider "
+    "one of the following options:\n\n"
+    "1. Pass `use_running_average` to the BatchNorm constructor:\n\n"
+    "  self.bn = jbn.nnx.BatchNorm(..., use_running_average=True/False)\n\n"
+    "2. Pass `use_running_average` to the BatchNorm __call__:\n\n"
+    "  self.bn(x, use_running_average=True/False)\n\n"
+    "3. Use `model.train()` / `model.eval()`, or `nnx.view` to create a view "
+    "of the model with a specific `use_running_average` value:\n\n"
+    "  model_view = nnx.view(model, use_running_average=True/False)\n")
+
+
+class BatchNorm(nnx.Module):
+  r"""Batch normalization, the counterpart of ``flax.nnx.BatchNorm``.
+
+  Same constructor, call signature, variables and mode switches as
+  ``flax.nnx.BatchNorm`` (Flax 0.12): ``Param`` ``scale`` / ``bias`` in
+  ``param_dtype``, ``BatchStat`` ``mean`` / ``var`` in float32 (whatever
+  ``dtype`` and ``param_dtype`` are), and ``use_running_average`` switched by
+  ``.train()`` / ``.eval()``, ``nnx.view`` or ``set_attributes``. The
+  computation is :func:`jbn.batch_norm`: batch mean and *biased* variance in
+  training, ``new = momentum * old + (1 - momentum) * batch`` for the running
+  statistics (Flax/Keras convention; PyTorch's ``momentum=0.1`` is ``0.9``
+  here).
+
+  What differs from ``flax.nnx.BatchNorm``, on purpose (as in
+  :class:`jbn.linen.BatchNorm`):
+
+  * **Output dtype.** ``dtype=None`` gives the input's dtype (bfloat16 in,
+    bfloat16 out); Flax promotes the input with the parameters and the
+    statistics (bfloat16 in, float32 out). ``promote_dtype`` defaults to
+    ``None`` (no promotion); pass ``flax.nnx.nn.dtypes.promote_dtype`` to get
+    Flax's output dtype. A given ``promote_dtype`` is applied as in Flax to
+    ``(x, mean, var, scale, bias)``; the promoted ``x``, ``scale`` and
+    ``bias`` are used, while the running statistics are always read and
+    written in float32 (never rounded to a lower ``dtype``).
+  * **Variance.** Always cancellation-free at the fast formula's cost:
+    ``use_fast_variance`` is accepted and ignored.
+  * **Cross-device statistics** take one collective (``sync="psum"``, or the
+    robust ``"gather"``), count-weighted under a ``mask``; an all-False mask
+    keeps the running statistics instead of writing NaN; one value per
+    feature in training raises ``ValueError``.
+
+  ``use_running_average`` may also be a (traced) boolean scalar array given
+  to ``__call__``: one compiled function then serves both modes (the running
+  statistics are written in both; unchanged in evaluation).
+
+  Args:
+    num_features: size of the feature axis (or a tuple of sizes when
+      ``axis`` names several axes).
+    use_running_average: if True, normalize with the running statistics and
+      leave them unchanged; if False, use and update the batch statistics.
+    axis: feature axis or axes (NHWC: ``-1``; NCHW: ``1``).
+    momentum: decay of the running statistics, in [0, 1].
+    epsilon: added to the variance, > 0.
+    dtype: output dtype; ``None`` keeps the (promoted) input's dtype.
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias: add a learned ``bias`` (beta).
+    use_scale: multiply by a learned ``scale`` (gamma).
+    bias_init: initializer of ``bias`` (zeros).
+    scale_init: initializer of ``scale`` (ones).
+    axis_name: mapped axis (``nnx.vmap``, ``jax.shard_map``, ``jax.pmap``)
+      across which statistics are global.
+    axis_index_groups: groups of indices along ``axis_name`` sharing
+      statistics (``jax.pmap`` only in current JAX).
+    use_fast_variance: accepted for compatibility and ignored (see above).
+    promote_dtype: ``None`` (default) or Flax's promotion function (see
+      above).
+    rngs: ``nnx.Rngs`` for the parameter initializers.
+    bias_metadata: metadata of the ``bias`` ``Param``.
+    scale_metadata: metadata of the ``scale`` ``Param``.
+    sync: jbn only, with ``axis_name``: ``"psum"`` or ``"gather"``; see
+      :func:`jbn.batch_norm`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import jbn.nnx
+    >>> x = jnp.array([[1., 10.], [3., 30.]])
+    >>> bn = jbn.nnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> bn(x).round(3)  # training mode: batch statistics
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> bn.mean[...]
+    Array([0.2, 2. ], dtype=float32)
+    >>> bn.eval()  # running statistics from now on
+    >>> bn(x)
+    Array([[0.8, 2.423 ],
+           [2.8, 8.481 ]], dtype=float32)
+    >>> bn.mean[...]  # unchanged
+    Array([0.2, 2. ], dtype=float32)
+  """
+
+  def __init__(
+      self,
+      num_features: int | Sequence[int],
+      *,
+      use_running_average: bool | None = False,
+      axis: int | Sequence[int] = -1,
+      momentum: float = 0.99,
+      epsilon: float = 1e-5,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = nnx.initializers.zeros_init(),
+      scale_init: Initializer = nnx.initializers.ones_init(),
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: Callable[..., Any] | None = None,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+      sync: str = "psum",
+  ):
+    feature_shape = ((num_features,) if isinstance(num_features, int)
+                     else tuple(num_features))
+    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    # Same order of rngs.params() draws as Flax (scale, then bias).
+    self.scale: nnx.Param | None
+    if use_scale:
+      self.scale = nnx.Param(
+          scale_init(rngs.params(), feature_shape, param_dtype),
+          **scale_metadata)
+    else:
+      self.scale = nnx.data(None)
+    self.bias: nnx.Param | None
+    if use_bias:
+      self.bias = nnx.Param(
+          bias_init(rngs.params(), feature_shape, param_dtype),
+          **bias_metadata)
+    else:
+      self.bias = nnx.data(None)
+
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.sync = sync
+
+  def __call__(self, x: Array, use_running_average: bool | Array | None = None,
+               *, mask: Array | None = None) -> Array:
+    """Normalizes ``x`` with batch or running statistics.
+
+    Args:
+      x: the input.
+      use_running_average: overrides the attribute of the same name for this
+        call.
+      mask: array broadcastable to ``x`` (NumPy rules, cast to bool, as in
+        Flax); False elements do not count in the statistics.
+
+    Returns:
+      The normalized input, of ``x``'s shape and ``dtype`` (default: the
+      dtype of ``x``, after ``promote_dtype`` if one is given).
+    """
+    if use_running_average is None:  # the call argument wins, as in Flax
+      use_running_average = self.use_running_average
+    if use_running_average is None:
+      raise ValueError(_NO_MODE)
+    x = jnp.asarray(x)
+    feature_shape = tuple(self.mean.shape)
+    got = tuple(x.shape[a] for a in _canonical_axes(self.axis, x.ndim))
+    if got != feature_shape:
+      raise ValueError(
+          f"BatchNorm was built for num_features={self.num_features!r} but "
+          f"got x of shape {x.shape} whose feature axis axis={self.axis!r} "
+          f"has size {got if len(got) > 1 else got[0]}.")
+
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    state = {"mean": self.mean[...], "var": self.var[...]}
+    if self.promote_dtype is not None:
+      x, _, _, scale, bias = self.promote_dtype(
+          (x, state["mean"], state["var"], scale, bias), dtype=self.dtype)
+    params = {k: v for k, v in (("scale", scale), ("bias", bias))
+              if v is not None}
+    train = _as_train_flag(use_running_average)
+    y, new_state = batch_norm(
+        params, state, x, train, axis=self.axis, momentum=self.momentum,
+        epsilon=self.epsilon, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        mask=_flax_mask(mask, x.ndim), dtype=self.dtype, sync=self.sync)
+    if train is not False:
+      self.mean[...] = new_state["mean"]
+      self.var[...] = new_state["var"]
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by ``nnx.view``, as ``flax.nnx.BatchNorm.set_view``.
+
+    Args:
+      use_running_average: if True, the stored batch statistics will be used
+        instead of computing the batch statistics on the input.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
