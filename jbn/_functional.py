@@ -123,8 +123,9 @@ def batch_norm(params: Mapping[str, Array], state: Mapping[str, Array],
       once the running mean is within a few batch standard deviations of
       the data (the running statistics must then be the same on all devices,
       as synced batch norm keeps them). ``"gather"`` all-gathers per-device
-      ``(count, mean, M2)`` (3 x devices x C values) and merges them with
-      Chan's formula: accurate whatever the running statistics are.
+      ``(count, shift, mean - shift, M2)`` (4 x devices x C values, one
+      collective) and merges them with Chan's formula: accurate whatever the
+      running statistics are.
 
   Returns:
     ``(y, new_state)``: the normalized output and the updated running
@@ -207,7 +208,12 @@ class _Config(NamedTuple):
 
 
 def _as_shape(value, name) -> tuple[int, ...]:
-  shape = (value,) if isinstance(value, numbers.Integral) else tuple(value)
+  if isinstance(value, numbers.Integral):
+    shape = (value,)
+  elif isinstance(value, (tuple, list)):
+    shape = tuple(value)
+  else:
+    shape = (value,)  # rejected below, with the value in the message
   if not all(isinstance(s, numbers.Integral) and s >= 0 for s in shape):
     raise ValueError(f"{name} must be an int or a tuple of non-negative ints, "
                      f"got {value!r}.")
@@ -215,7 +221,7 @@ def _as_shape(value, name) -> tuple[int, ...]:
 
 
 def _canonical_axes(axis, ndim) -> tuple[int, ...]:
-  axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+  axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
   out = []
   for a in axes:
     if not isinstance(a, numbers.Integral) or not -ndim <= a < ndim:
@@ -283,7 +289,7 @@ def _validate(params, state, x, train, *, axis, momentum, epsilon, axis_name,
     raise ValueError(
         f"momentum={momentum!r} must be in [0, 1]: it is the decay kept on the "
         f"old running value (Flax convention). PyTorch's momentum=p is "
-        f"momentum={{1 - p}} here.")
+        f"momentum=1 - p here.")
   eps = _concrete(epsilon)
   if eps is None or not eps > 0:
     raise ValueError(f"epsilon={epsilon!r} must be a Python number > 0.")
@@ -300,6 +306,7 @@ def _validate(params, state, x, train, *, axis, momentum, epsilon, axis_name,
 
   if mask is not None:
     mask = jnp.asarray(mask)
+    given_shape = mask.shape
     if mask.dtype != jnp.bool_:
       raise TypeError(f"mask must be boolean, got dtype {mask.dtype}.")
     if mask.ndim == x.ndim - len(feat_axes) and mask.ndim != x.ndim:
@@ -308,7 +315,7 @@ def _validate(params, state, x, train, *, axis, momentum, epsilon, axis_name,
         m in (1, s) for m, s in zip(mask.shape, x.shape))
     if not ok:
       raise ValueError(
-          f"mask of shape {mask.shape} is not broadcastable to x of shape "
+          f"mask of shape {given_shape} is not broadcastable to x of shape "
           f"{x.shape} nor to x without its feature axes "
           f"{tuple(x.shape[a] for a in red_axes)}.")
   local_count = None if mask is not None else math.prod(

@@ -29,9 +29,10 @@ Where the shift comes from:
   deviations of the data; requires the running statistics to be identical
   across the axis (which synced batch norm keeps them);
 * ``axis_name`` with ``sync="gather"``: each device reduces its shard to
-  ``(count, mean, M2)`` with a local shift; one ``all_gather`` of
-  ``3 x devices x C`` values and Chan's parallel formula merge them. Accurate
-  whatever the running mean is (PyTorch's SyncBatchNorm does the same).
+  ``(count, shift, mean - shift, M2)`` with a local shift; one collective
+  gathers those ``4 x devices x C`` values and Chan's parallel formula merges
+  them relative to one device's shift. Accurate whatever the running mean is
+  (PyTorch's SyncBatchNorm gathers per-device moments the same way).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 SYNC_MODES = ("psum", "gather")
@@ -88,6 +90,29 @@ def all_reduce_sum(arrays: Sequence[jax.Array], axis_name, axis_index_groups):
   stacked = lax.psum(jnp.stack(arrays), axis_name,
                      axis_index_groups=axis_index_groups)
   return tuple(stacked[i] for i in range(len(arrays)))
+
+
+def gather(value: jax.Array, axis_name, axis_index_groups) -> jax.Array:
+  """Every participant's ``value``, stacked on a new leading axis.
+
+  Written as ONE all-reduce of a buffer where each participant fills its own
+  row: unlike ``lax.all_gather`` the result is typed as identical on every
+  device inside ``shard_map`` (it can leave with ``P()`` and be
+  differentiated), and it works the same under ``pmap`` and ``vmap``.
+  The buffer is small: participants x 4 x C values.
+  """
+  names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  index = lax.axis_index(tuple(names) if len(names) > 1 else names[0])
+  size = axis_size(axis_name, axis_index_groups)
+  if axis_index_groups is not None:
+    total = math.prod(lax.axis_size(n) for n in names)
+    position = np.zeros(total, np.int32)
+    for group in axis_index_groups:
+      position[list(group)] = np.arange(len(group))
+    index = jnp.asarray(position)[index]
+  rows = jnp.zeros((size,) + value.shape, value.dtype)
+  rows = lax.dynamic_update_index_in_dim(rows, value, index, axis=0)
+  return lax.psum(rows, axis_name, axis_index_groups=axis_index_groups)
 
 
 def first_valid_shift(x: jax.Array, red_axes: tuple[int, ...],
@@ -176,7 +201,7 @@ def moments(x: jax.Array, red_axes: tuple[int, ...], *,
     axis_name, axis_index_groups: make the statistics global over a mapped
       axis, with one collective.
     sync: ``"psum"`` (one all-reduce of shifted sums) or ``"gather"``
-      (all_gather of per-device ``(count, mean, M2)``, Chan's merge).
+      (one collective gathering per-device moments, Chan's merge).
 
   Returns:
     ``Moments(mean, var, count)``; a feature with ``count == 0`` gets a finite
@@ -192,16 +217,20 @@ def moments(x: jax.Array, red_axes: tuple[int, ...], *,
   n = jnp.broadcast_to(n, s1.shape)
 
   if axis_name is not None and sync == "gather":
-    mean_d = _safe_div(s1, n)
-    m2_d = jnp.maximum(s2 - s1 * mean_d, 0)
-    mean_d = local + mean_d
-    parts = lax.all_gather(jnp.stack([n, mean_d, m2_d]), axis_name,
-                           axis_index_groups=axis_index_groups)
-    ns, means, m2s = parts[:, 0], parts[:, 1], parts[:, 2]
+    # Per device: count, shift, mean relative to the shift, and M2. Merged
+    # relative to one device's shift (differences of nearby shifts are
+    # exact), so nothing of the size of |mean| is ever rounded.
+    rel = _safe_div(s1, n)
+    m2_d = jnp.maximum(s2 - s1 * rel, 0)
+    parts = gather(jnp.stack([n, local, rel, m2_d]), axis_name,
+                   axis_index_groups)
+    ns, shifts, rels, m2s = parts[:, 0], parts[:, 1], parts[:, 2], parts[:, 3]
+    ref = jnp.take_along_axis(shifts, jnp.argmax(ns, axis=0)[None], axis=0)[0]
+    deltas = (shifts - ref) + rels
     count = jnp.sum(ns, axis=0)
-    mean = _safe_div(jnp.sum(ns * means, axis=0), count)
-    m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * jnp.square(means - mean), axis=0)
-    return Moments(mean, _safe_div(m2, count), count)
+    mrel = _safe_div(jnp.sum(ns * deltas, axis=0), count)
+    m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * jnp.square(deltas - mrel), axis=0)
+    return Moments(ref + mrel, _safe_div(m2, count), count)
 
   if axis_name is None:
     count = n
