@@ -5,6 +5,8 @@ Flax wrappers live in :mod:`jbn.linen` and :mod:`jbn.nnx` (imported on
 demand, so ``import jbn`` does not import Flax).
 """
 
+from jbn._decay import decay_mask
+from jbn._fold import fold_batch_norm
 from jbn._functional import batch_norm
 from jbn._functional import init
 
@@ -12,5 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "batch_norm",
+    "decay_mask",
+    "fold_batch_norm",
     "init",
 )
