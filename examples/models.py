@@ -43,6 +43,8 @@ class Norm:
     epsilon: added to the variance.
     axis_name: mapped axis for synced batch norm (``'batch'`` under
       ``jax.shard_map``), or None on one device.
+    module: the batch norm class: ``jbn.linen.BatchNorm``, or any drop-in
+      with its fields (``flax.linen.BatchNorm``: the benchmark compares them).
   """
 
   use_bn: bool = True
@@ -50,6 +52,7 @@ class Norm:
   momentum: float = 0.9
   epsilon: float = 1e-5
   axis_name: str | None = None
+  module: Any = BatchNorm
 
 
 class LayerBN(nn.Module):
@@ -78,9 +81,10 @@ class LayerBN(nn.Module):
                       name="layer")
     x = layer(x)
     if with_bn:
-      x = BatchNorm(use_running_average=not train, momentum=self.norm.momentum,
-                    epsilon=self.norm.epsilon, axis_name=self.norm.axis_name,
-                    name="bn")(x)
+      x = self.norm.module(
+          use_running_average=not train, momentum=self.norm.momentum,
+          epsilon=self.norm.epsilon, axis_name=self.norm.axis_name,
+          name="bn")(x)
     return x
 
 

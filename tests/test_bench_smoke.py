@@ -1,0 +1,115 @@
+"""Smoke tests of benchmarks/bench.py: it runs and writes its tables.
+
+No timed assertions: only that every section and row is produced and that
+the cells hold numbers.
+"""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "bench.py")
+
+
+def _load_bench():
+  spec = importlib.util.spec_from_file_location("jbn_bench", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+def _table_rows(text, title):
+  """Data rows (dicts keyed by header) of the first table after ``title``."""
+  lines = text.split(title, 1)[1].splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith("|"))
+  end = next((i for i, l in enumerate(lines[start:], start)
+              if not l.startswith("|")), len(lines))
+  lines = lines[start:end]
+  header = [c.strip() for c in lines[0].strip("|").split("|")]
+  rows = []
+  for line in lines[2:]:
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert len(cells) == len(header), line
+    rows.append(dict(zip(header, cells)))
+  return rows
+
+
+def _number(cell):
+  assert re.fullmatch(r"\d+(\.\d+)?", cell), cell
+  return float(cell)
+
+
+def test_quick_run_writes_every_table(tmp_path):
+  out = tmp_path / "RESULTS.md"
+  cmd = [sys.executable, SCRIPT, "--quick", "--shapes", "8x4x4x8",
+         "--dtypes", "float32", "--reps", "2", "--warmup", "1",
+         "--e2e", "--e2e-batch", "8", "--e2e-reps", "1", "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = out.read_text()
+  assert text.strip() in proc.stdout  # the same report on stdout
+  assert "[1/2] 8x4x4x8 float32 no axis_name" in proc.stderr  # progress
+  assert "[2/2] 8x4x4x8 float32 axis_name=batch" in proc.stderr
+  for field in ("- Date: ", "- CPU: ", "- Versions: ", "- Command: "):
+    assert field in text
+  torch_installed = importlib.util.find_spec("torch") is not None
+
+  for title in ("## Forward + backward", "## Train-mode forward",
+                "## Eval-mode forward"):
+    rows = _table_rows(text, title)
+    assert [(r["shape"], r["axis_name"]) for r in rows] == [
+        ("8x4x4x8", "-"), ("8x4x4x8", "batch")]
+    for row in rows:
+      assert _number(row["jbn ms"]) > 0
+      assert _number(row["flax ms"]) > 0
+      _number(row["flax/jbn"])
+      _number(row["jbn ×floor"])
+    assert ("torch ms" in rows[0]) == torch_installed
+    if torch_installed:
+      _number(rows[0]["torch ms"])
+      assert rows[1]["torch ms"] == "-"  # no axis-name variant for torch
+
+  mem = _table_rows(text, "## Compiled temporary memory")
+  assert len(mem) == 2
+  for row in mem:
+    for key in ("vjp: jbn MB (×x)", "grad: flax MB (×x)"):
+      mb, units = re.fullmatch(r"(\S+) \((\S+)\)", row[key]).groups()
+      _number(mb), _number(units)
+
+  summary = _table_rows(text, "## Summary")
+  assert [r["work"] for r in summary] == ["fwd+bwd", "train fwd", "eval"]
+  assert "- CNN float32 fwd+bwd, no axis_name: jbn median " in text
+  assert "- CNN float32 fwd+bwd, with axis_name: jbn median " in text
+
+  e2e = _table_rows(text, "## End to end")
+  assert [r["BatchNorm"] for r in e2e] == ["jbn.linen.BatchNorm",
+                                           "flax.linen.BatchNorm"]
+  assert all(_number(r["examples / s"]) > 0 for r in e2e)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "8x"], "bad shape '8x'"),
+    (["--shapes", "8x4x4"], "must be 2-D"),
+    (["--dtypes", "float16"], "unknown dtype"),
+    (["--reps", "0"], "must be >= 1"),
+    (["--row-seconds", "0"], "--row-seconds must be > 0"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys):
+  bench = _load_bench()
+  with pytest.raises(SystemExit):
+    bench.parse_args(argv)
+  assert message in capsys.readouterr().err
+
+
+def test_e2e_without_jbn_linen_says_so(monkeypatch):
+  bench = _load_bench()
+  monkeypatch.setitem(sys.modules, "jbn.linen", None)  # import fails
+  with pytest.raises(SystemExit, match="--e2e needs jbn.linen.BatchNorm"):
+    bench.bench_e2e(batch=2, reps=bench.Reps(fixed=1))
