@@ -68,7 +68,7 @@ def decay_mask(params: Any, *, exclude_biases: bool = False) -> Any:
     {'bias': False, 'kernel': True}
     >>> tx = optax.adamw(1e-3, weight_decay=1e-4, mask=jbn.decay_mask)
   """
-  is_leaf = _wrapper_test()
+  is_leaf = _flax_wrapper_is_leaf()
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)
   names = [_name(path) for path, _ in flat]
   siblings = defaultdict(set)
@@ -96,7 +96,7 @@ def _name(path) -> Any:
   return key
 
 
-def _wrapper_test():
+def _flax_wrapper_is_leaf():
   """``is_leaf`` for Flax's variable wrappers, if Flax is already imported."""
   wrappers = []
   if "flax.nnx" in sys.modules:
