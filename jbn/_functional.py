@@ -414,9 +414,12 @@ def _train_bwd(cfg, residuals, cts):
   dx = dx.astype(x.dtype)
 
   def param_ct(primal, local, total):
-    # Under shard_map, a parameter replicated over the axis needs the
-    # cotangent summed over it (which the all-reduce above already made);
-    # a per-device parameter (pmap, vmap, varying) gets its own share.
+    # Under shard_map, a parameter replicated over a mesh axis along which x
+    # varies needs its cotangent summed over that axis (the transpose of the
+    # implicit broadcast). Over axis_name the all-reduce above already made
+    # that sum; any other such axis (per-device statistics, no axis_name)
+    # gets a psum here. A per-device parameter (pmap, vmap, varying) keeps
+    # its own share.
     if primal is None:
       return None
     if cfg.axis_name is not None:
@@ -425,6 +428,9 @@ def _train_bwd(cfg, residuals, cts):
       if (set(names) & _moments.varying_axes(x)
           and not set(names) & _moments.varying_axes(primal)):
         local = total
+    extra = _moments.varying_axes(local) - _moments.varying_axes(primal)
+    if extra:
+      local = lax.psum(local, tuple(sorted(extra)))
     return local.reshape(primal.shape).astype(primal.dtype)
 
   dscale = param_ct(scale, sgx * inv, sgx_all * inv)

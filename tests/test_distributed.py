@@ -251,6 +251,34 @@ def test_sync_gather_grads_under_shard_map(rng, mesh):
   assert _counts("all-reduce", lowered) == (2, 2)
 
 
+def test_shard_map_without_axis_name_grads_are_summed_per_shard(rng, mesh):
+  """Bug: per-device statistics (no axis_name) under shard_map.
+
+  The VJP returned a device-varying cotangent for a replicated ``scale``, so
+  ``jax.grad`` failed with "Custom VJP bwd rule must produce an output with
+  the same type as the args tuple". The gradient of a replicated parameter
+  is the sum over shards of each shard's own (local-statistics) gradient.
+  """
+  x, params, state = _problem(rng, (16, 2, 5))
+  ct = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def grads(p, x, ct):
+    return jax.grad(lambda p, x: jnp.sum(ct * jbn.batch_norm(
+        p, state, x, True)[0]), argnums=(0, 1))(p, x)
+  got_p, got_x = _shard_map(grads, mesh, (P(), P("batch"), P("batch")),
+                            (P(), P("batch")))(params, x, ct)
+  shards = [_single_device_grads(params, state, xs, cs) for xs, cs in
+            zip(jnp.split(x, N_DEV), jnp.split(ct, N_DEV))]
+  want_p = jax.tree.map(lambda *g: sum(g), *[g[0] for g in shards])
+  want_x = jnp.concatenate([g[1] for g in shards])
+  chex.assert_trees_all_close(got_p, want_p, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-5)
+  for i, (xs, cs) in enumerate(zip(jnp.split(x, N_DEV), jnp.split(ct, N_DEV))):
+    ref = reference.grads(xs, params["scale"], params["bias"], cs)
+    np.testing.assert_allclose(got_x[4 * i:4 * (i + 1)], ref[0], rtol=1e-4,
+                               atol=1e-4)
+
+
 @pytest.mark.parametrize("sync", SYNCS)
 def test_pmap_grads_are_per_device_and_sum_to_single_device(rng, sync):
   x, params, state = _problem(rng, (16, 3))
