@@ -60,6 +60,7 @@ import math
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -88,6 +89,11 @@ LABELS = {"jbn": "jbn", "flax": "flax", "flax-sv": "flax slow-var",
           "torch": "torch"}
 AXIS = "batch"
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest dynamic mmap threshold
+# --keep-freed-memory: glibc never hands freed memory back to the kernel (one
+# arena, no mmap'd chunks, no trimming), so fresh output buffers are recycled
+# instead of page-faulted in again on every call.
+KEEP_FREED_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                     "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 MOMENTUM, EPSILON = 0.99, 1e-5  # the defaults of both jbn and Flax
 
 
@@ -180,16 +186,34 @@ class Reps:
             f"between {self.low} and {self.high} (column `reps`)")
 
 
+def minor_faults() -> int:
+  """Minor page faults of this process so far (all threads); 0 if unknown."""
+  try:
+    import resource  # pylint: disable=import-outside-toplevel
+  except ImportError:  # not on Unix
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+  medians: dict  # name -> median seconds per call
+  reps: int  # timed repetitions
+  faults: dict  # name -> mean minor page faults per call
+
+
 def run_round_robin(thunks: dict[str, Callable[[], Any]],
-                    reps: Reps) -> tuple[dict[str, float], int]:
-  """Median seconds per call of each thunk, interleaved.
+                    reps: Reps) -> Timings:
+  """Median seconds (and mean page faults) per call of each thunk, interleaved.
 
   Every repetition calls each thunk once, in a fresh (seeded) random order:
   a rotation of one fixed order would leave each contender behind the same
   neighbour every time, and on a small machine what runs just before (cache
   contents, threads still winding down) shows in the time.
 
-  Returns the medians and the number of timed repetitions.
+  Page faults are counted around each call too: on a VM they cost about a
+  microsecond each, and how many a call pays depends on what the allocator
+  did with the buffers freed before it, not on the contender alone.
   """
   names = list(thunks)
   order = random.Random(0)
@@ -201,18 +225,22 @@ def run_round_robin(thunks: dict[str, Callable[[], Any]],
     rounds.append(time.perf_counter() - t0)
   n = reps.count(statistics.median(rounds) if rounds else math.inf)
   times = {name: [] for name in names}
+  faults = {name: 0 for name in names}
   gc_was_enabled = gc.isenabled()
   gc.disable()
   try:
     for _ in range(n):
       for name in order.sample(names, len(names)):
+        f0 = minor_faults()
         t0 = time.perf_counter()
         thunks[name]()
         times[name].append(time.perf_counter() - t0)
+        faults[name] += minor_faults() - f0
   finally:
     if gc_was_enabled:
       gc.enable()
-  return {name: statistics.median(t) for name, t in times.items()}, n
+  return Timings({name: statistics.median(t) for name, t in times.items()},
+                 n, {name: f / max(n, 1) for name, f in faults.items()})
 
 
 def jax_thunk(compiled, args) -> Callable[[], Any]:
@@ -267,6 +295,7 @@ class Row:
   floor: float = math.nan  # seconds
   reps: int = 0
   times: dict = dataclasses.field(default_factory=dict)  # (work, name) -> s
+  faults: dict = dataclasses.field(default_factory=dict)  # (work, name) -> n
   temp_vjp: dict = dataclasses.field(default_factory=dict)  # name -> bytes
   temp_grad: dict = dataclasses.field(default_factory=dict)  # name -> bytes
 
@@ -334,11 +363,14 @@ def bench_row(shape, dtype_name, axis, *, reps: Reps, torch, mesh,
     for work, thunk in torch_thunks(torch, x32, dy32, dtype_name).items():
       thunks[f"{work}|torch"] = thunk
 
-  medians, row.reps = run_round_robin(thunks, reps)
-  row.floor = medians.pop("floor")
-  for key, value in medians.items():
+  timings = run_round_robin(thunks, reps)
+  row.reps = timings.reps
+  row.floor = timings.medians.pop("floor")
+  row.faults[("floor", "floor")] = timings.faults.pop("floor")
+  for key, value in timings.medians.items():
     work, name = key.split("|")
     row.times[(work, name)] = value
+    row.faults[(work, name)] = timings.faults[key]
   return row
 
 
@@ -388,7 +420,7 @@ def e2e_step_thunk(norm, images, labels) -> Callable[[], Any]:
   return thunk
 
 
-def bench_e2e(batch: int, reps: Reps) -> tuple[dict[str, float], int]:
+def bench_e2e(batch: int, reps: Reps) -> Timings:
   """Median seconds per training step, jbn.linen vs flax.linen, interleaved."""
   try:
     jbn_linen = importlib.import_module("jbn.linen")  # imports flax's side
@@ -448,7 +480,8 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], *,
 
 
 def row_key(r: Row) -> list[str]:
-  mark = " †" if r.per_device_nbytes >= MMAP_THRESHOLD else ""
+  kept = all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items())
+  mark = " †" if r.per_device_nbytes >= MMAP_THRESHOLD and not kept else ""
   return [fmt_shape(r.shape) + mark, r.dtype, AXIS if r.axis else "-",
           f"{r.nbytes / 1e6:.2f}"]
 
@@ -465,6 +498,22 @@ def time_table(rows: Sequence[Row], work: str, names: Sequence[str]) -> str:
     cells += [fmt(r.t(work, n) * 1e3, ".3f") for n in names]
     cells += [fmt(r.ratio(work, n), ".2f") for n in others]
     cells += [fmt(r.floor_multiple(work, n), ".2f") for n in names]
+    body.append(cells)
+  return md_table(header, body)
+
+
+def faults_table(rows: Sequence[Row], names: Sequence[str]) -> str:
+  """Mean minor page faults per call, per contender (and the floor)."""
+  works = ("fwd+bwd", "train fwd")
+  header = ["shape", "dtype", "axis_name", "x MB", "x pages", "floor"]
+  header += [f"{w}: {LABELS[n]}" for w in works for n in names]
+  body = []
+  for r in rows:
+    cells = row_key(r) + [str(r.per_device_nbytes // 4096),
+                          fmt(r.faults.get(("floor", "floor"), math.nan),
+                              ".0f")]
+    cells += [fmt(r.faults.get((w, n), math.nan), ".0f") for w in works
+              for n in names]
     body.append(cells)
   return md_table(header, body)
 
@@ -584,6 +633,15 @@ def header(args, torch, mesh_ok: bool, load: str) -> str:
       "robin, each repetition in a fresh random order; time.perf_counter "
       "around each call and its block_until_ready; inputs pre-generated, "
       "nothing donated.",
+      "- Memory allocator: " + (
+          "glibc told never to return freed memory to the kernel ("
+          + ", ".join(f"`{k}={v}`" for k, v in KEEP_FREED_MEMORY.items())
+          + "): fresh output buffers are recycled, not page-faulted in."
+          if args.keep_freed_memory else
+          "glibc as configured by the environment (" + (", ".join(
+              f"`{k}={os.environ[k]}`" for k in sorted(os.environ)
+              if k.startswith("MALLOC_")) or "defaults") + "); see the page "
+          "faults table."),
       "",
       "Notes:",
       "",
@@ -619,10 +677,11 @@ def header(args, torch, mesh_ok: bool, load: str) -> str:
         "contenders given the axis name. The devices share "
         f"{os.cpu_count()} cores, so these rows measure collective and "
         "partitioning overhead, not a speedup.")
-  lines.append(
-      "- † marks tensors whose (per-device) buffer is at or above glibc's "
-      "32 MiB mmap threshold: every fresh output buffer pays page faults "
-      "(the floor's too).")
+  if not args.keep_freed_memory:
+    lines.append(
+        "- † marks tensors whose (per-device) buffer is at or above glibc's "
+        "32 MiB mmap threshold: every fresh output buffer pays page faults "
+        "(the floor's too).")
   return "\n".join(lines)
 
 
@@ -685,6 +744,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       "with --quick)")
   p.add_argument("--e2e-reps", type=int, default=None,
                  help="timed steps per model (default 30; 3 with --quick)")
+  p.add_argument("--keep-freed-memory", action="store_true",
+                 help="run with glibc told never to return freed memory to "
+                      "the kernel (" + " ".join(
+                          f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items())
+                      + "), so that fresh output buffers are recycled "
+                      "instead of page-faulted in on every call")
   p.add_argument("--out", default=os.path.join("benchmarks", "RESULTS.md"),
                  help="Markdown file to write (default benchmarks/RESULTS.md)")
   args = p.parse_args(argv)
@@ -716,10 +781,27 @@ def import_torch(no_torch: bool):
   return torch
 
 
+def rerun_keeping_freed_memory(argv: Sequence[str]) -> int | None:
+  """Runs this script again with KEEP_FREED_MEMORY set (glibc reads it at
+  process start); None if it is already set."""
+  if all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items()):
+    return None
+  log("--keep-freed-memory: running again with " + " ".join(
+      f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()))
+  env = dict(os.environ, **KEEP_FREED_MEMORY)
+  return subprocess.run([sys.executable, os.path.abspath(__file__), *argv],
+                        env=env, check=False).returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   start = time.perf_counter()
   load = load_average()
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)
+  if args.keep_freed_memory:
+    code = rerun_keeping_freed_memory(argv)
+    if code is not None:
+      return code
   torch = import_torch(args.no_torch)
   mesh_ok = jax.device_count() >= _N_DEVICES
   axes = [False]
@@ -766,7 +848,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       "`temp_size_in_bytes` of the compiled function, in MB and in units of "
       "x's size (per device for axis-name rows). vjp: the timed fwd+bwd "
       "above. grad: `jax.grad(lambda p, x: jnp.sum(y ** 2), argnums=(0, 1))`.",
-      "", memory_table(rows), ""]
+      "", memory_table(rows), "",
+      "## Minor page faults per call", "",
+      "Mean over the timed calls of the process's minor page faults "
+      "(`getrusage`, all threads), per contender; `x pages` is the (per "
+      "device) size of x in 4 KiB pages. A fresh output buffer that glibc "
+      "has handed back to the kernel costs one fault per page (about a "
+      "microsecond each on this VM); who pays them depends on which buffers "
+      "the calls before freed, so they move times between contenders from "
+      "run to run. `--keep-freed-memory` removes them.", "",
+      faults_table(rows, names), ""]
   parts += [
       "## Summary", "",
       "Speed: median over rows of other/jbn time (> 1: jbn faster), "
@@ -782,7 +873,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.e2e:
     log(f"e2e: residual CNN, batch {args.e2e_batch}, "
         f"{args.e2e_reps.fixed} steps per model ...")
-    med, steps = bench_e2e(args.e2e_batch, args.e2e_reps)
+    e2e = bench_e2e(args.e2e_batch, args.e2e_reps)
+    med, steps = e2e.medians, e2e.reps
     ex = {k: args.e2e_batch / v for k, v in med.items()}
     parts += [
         "## End to end: training step of a small residual CNN", "",

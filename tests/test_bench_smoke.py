@@ -83,6 +83,13 @@ def test_quick_run_writes_every_table(tmp_path):
       mb, units = re.fullmatch(r"(\S+) \((\S+)\)", row[key]).groups()
       _number(mb), _number(units)
 
+  faults = _table_rows(text, "## Minor page faults per call")
+  assert [r["shape"] for r in faults] == ["8x4x4x8", "8x4x4x8"]
+  for row in faults:
+    for key in ("floor", "fwd+bwd: jbn", "fwd+bwd: flax", "train fwd: jbn"):
+      _number(row[key])
+  assert "- Memory allocator: glibc as configured by the environment" in text
+
   summary = _table_rows(text, "## Summary")
   assert [r["work"] for r in summary] == ["fwd+bwd", "train fwd", "eval"]
   assert "- CNN float32 fwd+bwd, no axis_name: jbn median " in text
@@ -92,6 +99,27 @@ def test_quick_run_writes_every_table(tmp_path):
   assert [r["BatchNorm"] for r in e2e] == ["jbn.linen.BatchNorm",
                                            "flax.linen.BatchNorm"]
   assert all(_number(r["examples / s"]) > 0 for r in e2e)
+
+
+def test_keep_freed_memory_reruns_with_the_malloc_settings(tmp_path):
+  bench = _load_bench()
+  out = tmp_path / "RESULTS.md"
+  cmd = [sys.executable, SCRIPT, "--quick", "--shapes", "16x8", "--dtypes",
+         "float32", "--reps", "2", "--warmup", "0", "--no-torch",
+         "--no-axis-name", "--keep-freed-memory", "--out", str(out)]
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, check=False, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "--keep-freed-memory: running again with MALLOC_ARENA_MAX=1" in (
+      proc.stderr)
+  text = out.read_text()
+  assert ("- Memory allocator: glibc told never to return freed memory to "
+          "the kernel (" + ", ".join(
+              f"`{k}={v}`" for k, v in bench.KEEP_FREED_MEMORY.items())
+          + ")") in text
+  assert "--keep-freed-memory" in text  # in the recorded command
+  assert "† marks" not in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -113,3 +141,44 @@ def test_e2e_without_jbn_linen_says_so(monkeypatch):
   monkeypatch.setitem(sys.modules, "jbn.linen", None)  # import fails
   with pytest.raises(SystemExit, match="--e2e needs jbn.linen.BatchNorm"):
     bench.bench_e2e(batch=2, reps=bench.Reps(fixed=1))
+
+
+BREAKDOWN = os.path.join(ROOT, "benchmarks", "breakdown.py")
+
+
+def test_breakdown_runs_in_both_malloc_settings(tmp_path):
+  out = tmp_path / "BREAKDOWN.md"
+  cmd = [sys.executable, BREAKDOWN, "--shapes", "8x4x4x8,16x8",
+         "--dtypes", "float32", "--reps", "2", "--warmup", "1",
+         "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = out.read_text()
+  assert text.strip() in proc.stdout
+  assert "environment as given" in proc.stderr  # progress
+  assert "glibc keeping freed memory" in proc.stderr
+  rows = _table_rows(text, "# Where jbn's forward + backward time goes")
+  assert [(r["shape"], r["malloc"]) for r in rows] == [
+      ("8x4x4x8", "as given"), ("8x4x4x8", "keeps freed memory"),
+      ("16x8", "as given"), ("16x8", "keeps freed memory")]
+  for row in rows:
+    for key in ("x*c", "sum", "stats", "fwd", "bwd", "fwd+bwd",
+                "flax fwd+bwd", "fwd + bwd (sum of halves)"):
+      assert _number(row[key]) > 0
+    halves = _number(row["fwd + bwd (sum of halves)"])
+    assert halves == pytest.approx(_number(row["fwd"]) + _number(row["bwd"]),
+                                   abs=2e-3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "8x"], "bad shape '8x'"),
+    (["--dtypes", "float16"], "unknown dtype"),
+    (["--reps", "0"], "--reps must be >= 1"),
+])
+def test_breakdown_bad_arguments_are_refused(argv, message):
+  proc = subprocess.run([sys.executable, BREAKDOWN, *argv], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120,
+                        check=False)
+  assert proc.returncode == 2
+  assert message in proc.stderr
