@@ -186,6 +186,11 @@ class Reps:
             f"between {self.low} and {self.high} (column `reps`)")
 
 
+def keeping_freed_memory() -> bool:
+  """Whether this process runs with KEEP_FREED_MEMORY (read at its start)."""
+  return all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items())
+
+
 def minor_faults() -> int:
   """Minor page faults of this process so far (all threads); 0 if unknown."""
   try:
@@ -480,8 +485,8 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], *,
 
 
 def row_key(r: Row) -> list[str]:
-  kept = all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items())
-  mark = " †" if r.per_device_nbytes >= MMAP_THRESHOLD and not kept else ""
+  mark = (" †" if r.per_device_nbytes >= MMAP_THRESHOLD
+          and not keeping_freed_memory() else "")
   return [fmt_shape(r.shape) + mark, r.dtype, AXIS if r.axis else "-",
           f"{r.nbytes / 1e6:.2f}"]
 
@@ -637,7 +642,7 @@ def header(args, torch, mesh_ok: bool, load: str) -> str:
           "glibc told never to return freed memory to the kernel ("
           + ", ".join(f"`{k}={v}`" for k, v in KEEP_FREED_MEMORY.items())
           + "): fresh output buffers are recycled, not page-faulted in."
-          if args.keep_freed_memory else
+          if keeping_freed_memory() else
           "glibc as configured by the environment (" + (", ".join(
               f"`{k}={os.environ[k]}`" for k in sorted(os.environ)
               if k.startswith("MALLOC_")) or "defaults") + "); see the page "
@@ -677,7 +682,7 @@ def header(args, torch, mesh_ok: bool, load: str) -> str:
         "contenders given the axis name. The devices share "
         f"{os.cpu_count()} cores, so these rows measure collective and "
         "partitioning overhead, not a speedup.")
-  if not args.keep_freed_memory:
+  if not keeping_freed_memory():
     lines.append(
         "- † marks tensors whose (per-device) buffer is at or above glibc's "
         "32 MiB mmap threshold: every fresh output buffer pays page faults "
@@ -784,7 +789,7 @@ def import_torch(no_torch: bool):
 def rerun_keeping_freed_memory(argv: Sequence[str]) -> int | None:
   """Runs this script again with KEEP_FREED_MEMORY set (glibc reads it at
   process start); None if it is already set."""
-  if all(os.environ.get(k) == v for k, v in KEEP_FREED_MEMORY.items()):
+  if keeping_freed_memory():
     return None
   log("--keep-freed-memory: running again with " + " ".join(
       f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()))

@@ -52,7 +52,6 @@ def measure(shape: tuple[int, ...], dtype_name: str, reps: int,
   ``'faults <piece>'``: the mean minor page faults per call."""
   import jax
   import jax.numpy as jnp
-  from jax import lax
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench  # the same timing loop and contenders as the benchmark
@@ -69,18 +68,24 @@ def measure(shape: tuple[int, ...], dtype_name: str, reps: int,
             "bias": jnp.full((c,), 0.2, jnp.float32)}
   state = {"mean": jnp.zeros((c,), jnp.float32),
            "var": jnp.ones((c,), jnp.float32)}
-  cfg = _functional._Config(  # pylint: disable=protected-access
-      red_axes=red, bshape=(1,) * len(red) + (c,), feature_shape=(c,),
+  # The call's static configuration and the saved residuals exactly as
+  # jbn.batch_norm makes them, so that "bwd" is jbn's own backward.
+  # pylint: disable=protected-access
+  cfg = _functional._validate(
+      params, state, x, True, axis=-1, momentum=bench.MOMENTUM,
       epsilon=bench.EPSILON, axis_name=None, axis_index_groups=None,
-      sync="psum", sdt=_moments.stat_dtype(dtype), out_dtype=dtype)
+      mask=None, dtype=None, sync="psum")[0]
 
   def stats(x):
-    m = _moments.moments(x, red)
-    return m.mean, lax.rsqrt(m.var + bench.EPSILON), m.count
+    return _moments.moments(x, red)[:2]
 
-  def bwd(p, x, dy, mean, inv, count):
-    residuals = (x, p["scale"], p["bias"], mean, inv, count, None)
-    return _functional._train_bwd(cfg, residuals, (dy,))  # pylint: disable=protected-access
+  def fwd_residuals(p, x):
+    return _functional._train_fwd(cfg, x, p["scale"], p["bias"],
+                                  state["mean"].reshape(cfg.bshape), None)[1]
+
+  def bwd(residuals, dy):
+    return _functional._train_bwd(cfg, residuals, (dy,))
+  # pylint: enable=protected-access
 
   def fwd_bwd(apply):
     def f(p, x, dy):
@@ -88,14 +93,14 @@ def measure(shape: tuple[int, ...], dtype_name: str, reps: int,
       return y, vjp(dy.astype(y.dtype))
     return f
 
-  mean, inv, count = jax.jit(stats)(x)
+  residuals = jax.jit(fwd_residuals)(params, x)
   programs = {
       "x*c": (lambda x: x * jnp.asarray(1.5, x.dtype), (x,)),
       "sum": (lambda x: jnp.sum(x.astype(jnp.float32), red), (x,)),
       "stats": (stats, (x,)),
       "fwd": (lambda p, x: bench.jbn_apply(p, state, x, True, None),
               (params, x)),
-      "bwd": (bwd, (params, x, dy, mean, inv, count)),
+      "bwd": (bwd, (residuals, dy)),
       "fwd+bwd": (fwd_bwd(bench.jbn_apply), (params, x, dy)),
       "flax fwd+bwd": (fwd_bwd(bench.APPLY["flax"]), (params, x, dy)),
   }
