@@ -1,14 +1,21 @@
 """The functional core: ``init`` and ``batch_norm``.
 
-``batch_norm`` validates its arguments, asks :mod:`jbn._moments` for the batch
-statistics (train mode), normalizes, and updates the running statistics. Its
-backward pass is a closed-form ``jax.custom_vjp``.
+``batch_norm`` checks its arguments, then, in training::
+
+    x -> batch moments (jbn._moments)  -> coefficients (jbn._modes)
+      -> y = (x - c) * a + b           -> running statistics (jbn._running)
+
+The normalization has a closed-form derivative written as a ``jax.custom_jvp``
+whose tangent map is linear in the tangents: forward mode (``jax.jvp``,
+``jacfwd``) evaluates it, reverse mode (``jax.grad``) is JAX's transpose of
+it. Both read ``x`` and per-feature vectors only (the tangent map is
+rematerialized, never saved), issue one all-reduce with an ``axis_name``,
+and leave no activation-sized temporary.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -17,15 +24,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
+from jbn import _cpu
+from jbn import _layout
+from jbn import _modes
 from jbn import _moments
+from jbn import _parallel
+from jbn import _running
 
 Array = jax.Array
 Axes = int | Sequence[int]
 
 
 def init(feature_shape: int | Sequence[int], *, dtype: Any = jnp.float32,
-         use_scale: bool = True, use_bias: bool = True):
+         use_scale: bool = True, use_bias: bool = True,
+         warm_start: bool = False):
   """Creates the parameters and running statistics of a batch norm layer.
 
   The trees match ``flax.linen.BatchNorm``'s variables: ``params`` holds
@@ -38,6 +52,11 @@ def init(feature_shape: int | Sequence[int], *, dtype: Any = jnp.float32,
     dtype: dtype of ``scale`` and ``bias`` (Flax's ``param_dtype``).
     use_scale: include a learned ``'scale'`` (gamma).
     use_bias: include a learned ``'bias'`` (beta).
+    warm_start: add an int32 ``'count'`` of updates per feature to
+      ``state``: the running statistics are then the exact average of the
+      batches seen until ``1 / (1 - momentum)`` updates, and the usual EMA
+      after (see :func:`batch_norm`). Without it the state is exactly
+      Flax's.
 
   Returns:
     ``(params, state)``, two dicts.
@@ -49,8 +68,10 @@ def init(feature_shape: int | Sequence[int], *, dtype: Any = jnp.float32,
     {'scale': Array([1., 1., 1.], dtype=float32), 'bias': Array([0., 0., 0.], dtype=float32)}
     >>> state['var']
     Array([1., 1., 1.], dtype=float32)
+    >>> jbn.init(2, warm_start=True)[1]['count']
+    Array([0, 0], dtype=int32)
   """
-  shape = _as_shape(feature_shape, "feature_shape")
+  shape = _layout.as_shape(feature_shape, "feature_shape")
   params = {}
   if use_scale:
     params["scale"] = jnp.ones(shape, dtype)
@@ -58,6 +79,8 @@ def init(feature_shape: int | Sequence[int], *, dtype: Any = jnp.float32,
     params["bias"] = jnp.zeros(shape, dtype)
   state = {"mean": jnp.zeros(shape, jnp.float32),
            "var": jnp.ones(shape, jnp.float32)}
+  if warm_start:
+    state["count"] = jnp.zeros(shape, jnp.int32)
   return params, state
 
 
@@ -66,7 +89,8 @@ def batch_norm(params: Mapping[str, Array], state: Mapping[str, Array],
                momentum: float | Array = 0.99, epsilon: float = 1e-5,
                axis_name: Any = None, axis_index_groups: Any = None,
                mask: Array | None = None, dtype: Any = None,
-               sync: str = "psum"):
+               sync: str = "psum", renorm: _modes.RenormClip | None = None,
+               ghost_batch_size: int | None = None):
   r"""Batch normalization, with its running statistics threaded explicitly.
 
   In training (``train=True``), with :math:`\mu, \sigma^2` the mean and the
@@ -86,29 +110,62 @@ def batch_norm(params: Mapping[str, Array], state: Mapping[str, Array],
   and ``state['var']`` replace :math:`\mu, \sigma^2` and ``state`` comes back
   unchanged.
 
+  Modes (may be combined):
+
+  * **Batch renormalization** (``renorm=jbn.RenormClip(rmax, dmax)``, Ioffe
+    2017): :math:`y = \mathrm{scale}\,(r\,(x - \mu) / \sigma_B + d) +
+    \mathrm{bias}` with :math:`\sigma_B = \sqrt{\sigma^2 + \epsilon}`,
+    :math:`\sigma = \sqrt{\mathrm{var} + \epsilon}` from the running
+    variance, :math:`r = \mathrm{clip}(\sigma_B / \sigma, r_{min}, r_{max})`,
+    :math:`d = \mathrm{clip}((\mu - \mathrm{mean}) / \sigma, -d_{max},
+    d_{max})`, both held constant in differentiation. The running statistics
+    are the usual EMA of the batch mean and variance (Keras 3 averages the
+    standard deviation instead). ``RenormClip(1, 0)`` is plain batch norm;
+    :func:`jbn.renorm_clip` gives the paper's warm-up schedule.
+  * **Ghost batch norm** (``ghost_batch_size=g``): the leading axis of ``x``
+    (this device's batch) is split into contiguous groups of ``g``, each
+    normalized with its own statistics (no collective touches ``x``, even
+    with ``axis_name``). The running statistics get ONE update per call:
+    the count-weighted mean over groups (and devices, one all-reduce of
+    ``3C`` values) of their means and biased variances.
+  * **Warm start** (``state`` made by ``jbn.init(..., warm_start=True)``, or
+    :func:`jbn.upgrade_state`): the ``t``-th update of a feature uses the
+    rate :math:`\max(1/t, 1 - m)` instead of :math:`1 - m`, so the running
+    statistics are the exact average of the batches seen so far until
+    :math:`t = 1/(1 - m)`, and the plain EMA after; ``state['count']``
+    advances only where the (global, masked) count is positive.
+
   Numerics: statistics are computed in at least float32 whatever the input
-  dtype, with shifted sums that do not cancel (see :mod:`jbn._moments`); the
-  output has ``x.dtype`` (or ``dtype``); ``state`` keeps its dtype (float32).
-  A feature with no valid element under ``mask`` keeps its running
-  statistics; no NaN is ever written into ``state``.
+  dtype, with sums shifted by a pilot mean that do not cancel (see
+  :mod:`jbn._moments`); the output has ``x.dtype`` (or ``dtype``); ``state``
+  keeps its dtype (float32). Masked-out values never reach the statistics,
+  the running statistics or the gradients, even when they are NaN or inf
+  (their outputs are computed, and are NaN where they are NaN). A feature
+  with no valid value keeps its running statistics. Where the stored running
+  mean or variance is not finite, or the variance negative (a damaged
+  checkpoint), the update takes the batch's value, so a step on finite data
+  always writes finite statistics. NaN or inf in *valid* values reach the
+  statistics of their features, as in Flax and PyTorch.
 
   Cost: one read of ``x`` for the statistics and one for the output; with
   ``axis_name``, one collective in the forward and one all-reduce in the
-  backward. The backward is closed form (a ``jax.custom_vjp``) and keeps only
-  ``x`` and per-feature vectors as residuals. The running-statistics update
-  carries no gradient.
+  backward. The derivative is closed form (``jax.custom_jvp``, linear in the
+  tangents: forward and reverse mode) and needs only ``x`` and per-feature
+  vectors. The running-statistics update carries no gradient.
 
   Args:
     params: mapping with ``'scale'`` and/or ``'bias'``, each of the feature
       shape; a missing key means no scale (1) / no bias (0).
-    state: mapping with ``'mean'`` and ``'var'`` of the feature shape.
-    x: input, any floating dtype.
+    state: mapping with ``'mean'`` and ``'var'`` of the feature shape (and an
+      int ``'count'`` for warm start); other keys are carried through.
+    x: input, any real floating dtype.
     train: Python bool or boolean scalar (may be traced): use and update batch
       statistics (True) or use the running ones (False).
     axis: feature axis or axes, kept; statistics reduce over all the others.
       NHWC: ``-1``; NCHW: ``1``.
     momentum: decay of the running statistics, in [0, 1].
-    epsilon: added to the variance, > 0.
+    epsilon: added to the variance; a Python number at least the smallest
+      normal number of the statistics dtype (``1.2e-38`` for float32).
     axis_name: name of a mapped axis (``jax.shard_map``, ``jax.pmap``,
       ``jax.vmap(axis_name=...)``) across which statistics are global (synced
       batch norm). Not needed under plain ``jax.jit`` with sharded arrays.
@@ -122,21 +179,26 @@ def batch_norm(params: Mapping[str, Array], state: Mapping[str, Array],
       sums shifted by the running mean: as accurate as a two-pass variance
       once the running mean is within a few batch standard deviations of
       the data (the running statistics must then be the same on all devices,
-      as synced batch norm keeps them). ``"gather"`` all-gathers per-device
+      as synced batch norm keeps them). ``"gather"`` gathers per-device
       ``(count, shift, mean - shift, M2)`` (4 x devices x C values, one
       collective) and merges them with Chan's formula: accurate whatever the
       running statistics are.
+    renorm: ``None`` or a :class:`jbn.RenormClip`: batch renormalization.
+    ghost_batch_size: ``None`` or an int dividing the leading axis of ``x``:
+      ghost batch norm.
 
   Returns:
     ``(y, new_state)``: the normalized output and the updated running
     statistics (``state`` itself when ``train`` is False).
 
   Raises:
-    TypeError: ``x`` is not floating point, or ``train`` is not a bool.
+    TypeError: ``x`` is not real floating point, ``train`` is not a bool,
+      ``state`` holds integer statistics, ``renorm`` is not a RenormClip.
     ValueError: an axis is out of range or repeated; params/state do not
       have the feature shape of ``x``; ``momentum`` is outside [0, 1];
-      ``epsilon`` <= 0; a single value per feature in training; a bad
-      ``mask`` shape; an unknown ``sync``.
+      ``epsilon`` is not a number >= the smallest normal number; a single
+      value per feature in training; a bad ``mask`` shape; an unknown
+      ``sync``; a ``ghost_batch_size`` that does not divide the batch.
     NameError: ``axis_name`` is not bound by any enclosing mapped transform.
 
   Example:
@@ -147,38 +209,52 @@ def batch_norm(params: Mapping[str, Array], state: Mapping[str, Array],
     >>> y.round(3)
     Array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
-    >>> state['mean'], state['var']
-    (Array([0.2, 2. ], dtype=float32), Array([  1. , 10.9], dtype=float32))
+    >>> state['mean'].round(4), state['var'].round(4)
+    (Array([0.2, 2. ], dtype=float32), Array([ 1. , 10.9], dtype=float32))
     >>> y_eval, same = jbn.batch_norm(params, state, x, train=False)
     >>> same is state
     True
   """
-  cfg, x, mask, local_count = _validate(params, state, x, train, axis=axis,
-                           momentum=momentum, epsilon=epsilon,
-                           axis_name=axis_name,
-                           axis_index_groups=axis_index_groups, mask=mask,
-                           dtype=dtype, sync=sync)
-  scale, bias = params.get("scale"), params.get("bias")
-  mean, var = state["mean"], state["var"]
+  call = _prepare(params, state, x, train, axis=axis, momentum=momentum,
+                  epsilon=epsilon, axis_name=axis_name,
+                  axis_index_groups=axis_index_groups, mask=mask, dtype=dtype,
+                  sync=sync, renorm=renorm, ghost_batch_size=ghost_batch_size)
+  lay, cfg = call.layout, call.cfg
+  sdt = cfg.sdt
+  scale = _per_feature(params.get("scale"), lay.bshape, sdt)
+  bias = _per_feature(params.get("bias"), lay.bshape, sdt)
+  mean = _per_feature(state["mean"], lay.bshape, sdt)
+  var = _per_feature(state["var"], lay.bshape, sdt)
 
   def eval_branch():
-    y = _apply(x, scale, bias, mean.reshape(cfg.bshape).astype(cfg.sdt),
-               lax.rsqrt(var.reshape(cfg.bshape).astype(cfg.sdt)
-                         + cfg.epsilon), cfg.out_dtype)
-    return y, {**state}
+    a = lax.rsqrt(var + cfg.epsilon)
+    a = a if scale is None else a * scale
+    return _apply(call.x, mean, a, bias, cfg.out_dtype), {**state}
 
   def train_branch():
-    _check_bound(cfg, local_count)
-    shift = mean.reshape(cfg.bshape)
-    y, bmean, bvar, count = _train(cfg, x, scale, bias, shift, mask)
-    bmean, bvar, count = (lax.stop_gradient(v).reshape(cfg.feature_shape)
-                          for v in (bmean, bvar, jnp.broadcast_to(
-                              count, bmean.shape)))
-    keep = count > 0
-    new_state = dict(state)
-    for key, old, new in (("mean", mean, bmean), ("var", var, bvar)):
-      upd = momentum * old + (1 - momentum) * new
-      new_state[key] = jnp.where(keep, upd, old).astype(old.dtype)
+    _check_one_value(call, axis_name, axis_index_groups)
+    x, msk = call.x, call.mask
+    view_shape = lay.bshape
+    if call.ghost is not None:
+      x, msk, _ = _modes.ghost_view(x, msk, lay.red_axes, call.ghost)
+      view_shape = (1,) + lay.bshape
+    # The running mean shifts the psum-synced sums: the one per-feature
+    # value every device holds without talking (finite even if damaged).
+    shift = jnp.where(jnp.isfinite(mean), mean, 0).reshape(view_shape)
+    aux = {"shift": shift if cfg.sync_shift else None,
+           "clip": call.renorm,
+           "running": ((mean.reshape(view_shape), var.reshape(view_shape))
+                       if call.renorm is not None else None)}
+    fit = (lambda v: None if v is None else v.reshape(view_shape))
+    y, bmean, bvar, count = _train(cfg, x, fit(scale), fit(bias), msk, aux)
+    y = y.reshape(call.x.shape)
+    bmean, bvar, count = (lax.stop_gradient(v) for v in (bmean, bvar, count))
+    if call.ghost is not None:
+      bmean, bvar, count = _modes.combine_groups(
+          bmean, bvar, count, axis_name, call.groups)
+    new_state = _running.update(
+        state, *(v.reshape(lay.feature_shape) for v in (bmean, bvar, count)),
+        momentum)
     return y, new_state
 
   if isinstance(train, (bool, np.bool_)):
@@ -189,50 +265,47 @@ def batch_norm(params: Mapping[str, Array], state: Mapping[str, Array],
   return lax.cond(train, train_branch, eval_branch)
 
 
+def _per_feature(value, bshape, sdt):
+  """A per-feature array reshaped to broadcast against ``x``, in ``sdt``."""
+  if value is None:
+    return None
+  return jnp.asarray(value).astype(sdt).reshape(bshape)
+
+
+def _apply(x, center, a, b, out_dtype):
+  """y = (x - center) * a + b, in the statistics dtype, cast once."""
+  y = (x.astype(a.dtype) - center) * a
+  if b is not None:
+    y = y + b
+  return y.astype(out_dtype)
+
+
 # --------------------------------------------------------------------------
-# Validation
+# Arguments
 
 
 class _Config(NamedTuple):
-  """Static description of one call (hashable: a custom_vjp nondiff arg)."""
+  """Static description of the train-mode normalization (hashable)."""
 
-  red_axes: tuple[int, ...]
-  bshape: tuple[int, ...]  # feature sizes at feature axes, 1 elsewhere
-  feature_shape: tuple[int, ...]
+  red_axes: tuple[int, ...]  # of the (ghost) view of x
   epsilon: float
-  axis_name: Any
+  axis_name: Any  # for the statistics: None for ghost batches (local)
   axis_index_groups: Any
   sync: str
+  sync_shift: bool  # the statistics shift by the running mean (psum sync)
   sdt: Any
   out_dtype: Any
 
 
-def _as_shape(value, name) -> tuple[int, ...]:
-  if isinstance(value, numbers.Integral):
-    shape = (value,)
-  elif isinstance(value, (tuple, list)):
-    shape = tuple(value)
-  else:
-    shape = (value,)  # rejected below, with the value in the message
-  if not all(isinstance(s, numbers.Integral) and s >= 0 for s in shape):
-    raise ValueError(f"{name} must be an int or a tuple of non-negative ints, "
-                     f"got {value!r}.")
-  return tuple(int(s) for s in shape)
-
-
-def _canonical_axes(axis, ndim) -> tuple[int, ...]:
-  axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
-  out = []
-  for a in axes:
-    if not isinstance(a, numbers.Integral) or not -ndim <= a < ndim:
-      raise ValueError(
-          f"axis={axis!r} is out of range for an input of rank {ndim}: each "
-          f"feature axis must be an int in [{-ndim}, {ndim - 1}] (NHWC: "
-          f"axis=-1; NCHW: axis=1).")
-    out.append(int(a) % ndim)
-  if len(set(out)) != len(out):
-    raise ValueError(f"axis={axis!r} names the same axis twice.")
-  return tuple(sorted(out))
+class _Call(NamedTuple):
+  cfg: _Config
+  layout: _layout.Layout
+  x: Array
+  mask: Array | None
+  ghost: int | None
+  renorm: _modes.RenormClip | None
+  groups: Any  # axis_index_groups, normalized
+  axis: Any  # as the caller gave it (for messages)
 
 
 def _concrete(value):
@@ -244,25 +317,31 @@ def _concrete(value):
     return None
 
 
-def _validate(params, state, x, train, *, axis, momentum, epsilon, axis_name,
-              axis_index_groups, mask, dtype, sync):
+def _check_x(x) -> Array:
   x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise TypeError(
+        f"batch_norm expects a real floating-point x, got dtype {x.dtype}. "
+        f"Complex inputs are not supported (Flax normalizes them with a "
+        f"complex running mean and the variance of |x - mean|); normalize "
+        f"the real and imaginary parts as separate features instead, e.g. "
+        f"jnp.concatenate([x.real, x.imag], axis=-1).")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
         f"batch_norm expects a floating-point x, got dtype {x.dtype}; cast it "
         f"first, e.g. x.astype(jnp.float32).")
+  return x
+
+
+def _check_train(train):
   if not (isinstance(train, (bool, np.bool_))
           or (hasattr(train, "dtype") and jnp.ndim(train) == 0
               and jnp.issubdtype(train.dtype, jnp.bool_))):
     raise TypeError(f"train must be a Python bool or a boolean scalar array, "
                     f"got {train!r}.")
-  if x.ndim == 0:
-    raise ValueError("batch_norm expects x of rank >= 1, got a scalar.")
-  feat_axes = _canonical_axes(axis, x.ndim)
-  red_axes = tuple(a for a in range(x.ndim) if a not in feat_axes)
-  feature_shape = tuple(x.shape[a] for a in feat_axes)
-  bshape = tuple(x.shape[a] if a in feat_axes else 1 for a in range(x.ndim))
 
+
+def _check_trees(params, state, x, lay, axis):
   if not isinstance(params, Mapping) or not isinstance(state, Mapping):
     raise TypeError("params and state must be mappings (dicts), as returned "
                     "by jbn.init.")
@@ -275,15 +354,30 @@ def _validate(params, state, x, train, *, axis, momentum, epsilon, axis_name,
     raise ValueError(f"state is missing {sorted(missing)}; expected 'mean' and "
                      f"'var' (see jbn.init).")
   for tree, name, keys in ((params, "params", ("scale", "bias")),
-                           (state, "state", ("mean", "var"))):
+                           (state, "state", ("mean", "var", "count"))):
     for key in keys:
-      if key in tree and tuple(jnp.shape(tree[key])) != feature_shape:
+      if key in tree and tuple(jnp.shape(tree[key])) != lay.feature_shape:
         raise ValueError(
             f"{name}['{key}'] has shape {tuple(jnp.shape(tree[key]))} but x of "
             f"shape {x.shape} with axis={axis!r} has feature shape "
-            f"{feature_shape}. Create them with jbn.init({feature_shape}), or "
-            f"pass the axis your features are on.")
+            f"{lay.feature_shape}. Create them with "
+            f"jbn.init({lay.feature_shape}), or pass the axis your features "
+            f"are on.")
+  for key in ("mean", "var"):
+    dt = jnp.result_type(state[key])
+    if not jnp.issubdtype(dt, jnp.floating):
+      raise TypeError(
+          f"state['{key}'] has dtype {dt}: running statistics must be "
+          f"floating point (float32, as jbn.init makes them); an integer "
+          f"state would silently truncate every update.")
+  if "count" in state and not jnp.issubdtype(jnp.result_type(state["count"]),
+                                             jnp.integer):
+    raise TypeError(
+        f"state['count'] has dtype {jnp.result_type(state['count'])}: the "
+        f"warm-start count must be an integer array (see jbn.upgrade_state).")
 
+
+def _check_hyper(momentum, epsilon, sync, axis_name, axis_index_groups, sdt):
   m = _concrete(momentum)
   if m is not None and not 0.0 <= m <= 1.0:
     raise ValueError(
@@ -293,6 +387,13 @@ def _validate(params, state, x, train, *, axis, momentum, epsilon, axis_name,
   eps = _concrete(epsilon)
   if eps is None or not eps > 0:
     raise ValueError(f"epsilon={epsilon!r} must be a Python number > 0.")
+  tiny = float(jnp.finfo(sdt).tiny)
+  if eps < tiny:
+    raise ValueError(
+        f"epsilon={epsilon!r} is below the smallest normal {jnp.dtype(sdt)} "
+        f"({tiny:.3g}): XLA flushes such denormals to zero on CPU, and a "
+        f"constant feature would divide by zero. Use epsilon >= {tiny:.3g} "
+        f"(1e-5 is the usual value).")
   if sync not in _moments.SYNC_MODES:
     raise ValueError(f"sync={sync!r}; expected one of {_moments.SYNC_MODES}.")
   if axis_index_groups is not None:
@@ -303,139 +404,192 @@ def _validate(params, state, x, train, *, axis, momentum, epsilon, axis_name,
     if len({len(g) for g in axis_index_groups}) != 1:
       raise ValueError(f"axis_index_groups={axis_index_groups!r} must be groups "
                        f"of equal size.")
+  return eps, axis_index_groups
 
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    given_shape = mask.shape
-    if mask.dtype != jnp.bool_:
-      raise TypeError(f"mask must be boolean, got dtype {mask.dtype}.")
-    if mask.ndim == x.ndim - len(feat_axes) and mask.ndim != x.ndim:
-      mask = jnp.expand_dims(mask, feat_axes)
-    ok = mask.ndim == x.ndim and all(
-        m in (1, s) for m, s in zip(mask.shape, x.shape))
-    if not ok:
-      raise ValueError(
-          f"mask of shape {given_shape} is not broadcastable to x of shape "
-          f"{x.shape} nor to x without its feature axes "
-          f"{tuple(x.shape[a] for a in red_axes)}.")
-  local_count = None if mask is not None else math.prod(
-      x.shape[a] for a in red_axes)
-  if axis_name is None and local_count == 1 and not (
-      isinstance(train, (bool, np.bool_)) and not train):
-    raise ValueError(_ONE_VALUE.format(
-        n=1, shape=f"for input of shape {x.shape} with axis={axis!r}"))
 
+def _prepare(params, state, x, train, *, axis, momentum, epsilon, axis_name,
+             axis_index_groups, mask, dtype, sync, renorm,
+             ghost_batch_size) -> _Call:
+  """Checks every argument (at trace time) and builds the call's config."""
+  x = _check_x(x)
+  _check_train(train)
+  lay = _layout.layout(x.shape, axis)
+  _check_trees(params, state, x, lay, axis)
   sdt = _moments.stat_dtype(x.dtype)
-  out_dtype = jnp.dtype(dtype) if dtype is not None else x.dtype
-  cfg = _Config(red_axes=red_axes, bshape=bshape, feature_shape=feature_shape,
-                epsilon=float(eps), axis_name=axis_name,
-                axis_index_groups=axis_index_groups, sync=sync, sdt=sdt,
-                out_dtype=out_dtype)
-  return cfg, x, mask, local_count
+  eps, groups = _check_hyper(momentum, epsilon, sync, axis_name,
+                             axis_index_groups, sdt)
+  mask = _layout.prepare_mask(mask, x.shape, lay)
+  ghost = _modes.check_ghost(ghost_batch_size, x.shape, lay, axis_name)
+  renorm = _modes.check_renorm(renorm)
+  local = ghost is not None  # ghost batches: statistics local to each device
+  cfg = _Config(
+      red_axes=(_modes.ghost_red_axes(lay.red_axes) if local
+                else lay.red_axes),
+      epsilon=float(eps), axis_name=None if local else axis_name,
+      axis_index_groups=None if local else groups, sync=sync,
+      sync_shift=not local and axis_name is not None and sync == "psum",
+      sdt=sdt, out_dtype=jnp.dtype(dtype) if dtype is not None else x.dtype)
+  return _Call(cfg=cfg, layout=lay, x=x, mask=mask, ghost=ghost,
+               renorm=renorm, groups=groups, axis=axis)
 
 
-def _check_bound(cfg: _Config, local_count: int | None):
-  """Fails early, and clearly, on an unbound axis_name or a 1-value batch."""
-  if cfg.axis_name is None:
-    return
-  try:
-    size = _moments.axis_size(cfg.axis_name, cfg.axis_index_groups)
-  except NameError as e:
-    raise NameError(
-        f"batch_norm got axis_name={cfg.axis_name!r}, but no enclosing "
-        f"transform binds that axis name ({e}). Call it inside jax.shard_map, "
-        f"jax.pmap or jax.vmap with axis_name={cfg.axis_name!r}; under plain "
-        f"jax.jit with a batch-sharded array pass axis_name=None, the "
-        f"statistics are already global.") from None
-  if local_count is not None and local_count * size == 1:
-    raise ValueError(_ONE_VALUE.format(shape="per device", n=1))
+# --------------------------------------------------------------------------
+# One value per feature
 
 
-_ONE_VALUE = (
+ONE_VALUE = (
     "Expected more than 1 value per feature when training, got {n} value(s) "
-    "{shape}: every batch statistic would come from one value (output = "
+    "{where}: every batch statistic would come from one value (output = "
     "bias, variance -> 0). Use a larger batch, train=False, or an axis_name "
     "to share statistics across devices.")
 
 
+def values_per_feature(shape, axis, *, mask=None, ghost_batch_size=None):
+  """Values behind each feature of one device's statistics, or None.
+
+  None when a mask makes the count data-dependent. The one rule behind the
+  one-value-per-feature error, shared by :func:`batch_norm` and the Flax
+  wrappers (which fall back to the running statistics during shape-only
+  calls).
+  """
+  if mask is not None:
+    return None
+  lay = _layout.layout(tuple(shape), axis)
+  n = _layout.reduced_count(tuple(shape), lay)
+  if ghost_batch_size and shape[0]:
+    n = n // (shape[0] // ghost_batch_size)
+  return n
+
+
+def _check_one_value(call: _Call, axis_name, axis_index_groups):
+  """Fails, at trace time, on one value per feature (NameError if unbound)."""
+  n = values_per_feature(call.x.shape, call.layout.feat_axes,
+                         mask=call.mask, ghost_batch_size=call.ghost)
+  size = 1
+  if axis_name is not None:
+    try:
+      size = _parallel.axis_size(axis_name, axis_index_groups)
+    except NameError as e:
+      raise NameError(
+          f"batch_norm got axis_name={axis_name!r}, but no enclosing "
+          f"transform binds that axis name ({e}). Call it inside "
+          f"jax.shard_map, jax.pmap or jax.vmap with "
+          f"axis_name={axis_name!r}; under plain jax.jit with a batch-sharded "
+          f"array pass axis_name=None, the statistics are already "
+          f"global.") from None
+  if call.ghost is not None:
+    size = 1  # ghost batches are local to each device
+  if n == 1 and size == 1:
+    where = ("per ghost batch" if call.ghost is not None else
+             "per device" if axis_name is not None else
+             f"for input of shape {call.x.shape} with "
+             f"axis={call.axis!r}")
+    raise ValueError(ONE_VALUE.format(n=1, where=where))
+
+
 # --------------------------------------------------------------------------
-# Normalization and its closed-form backward
+# The train-mode normalization and its closed-form derivative
 
 
-def _apply(x, scale, bias, mean, inv, out_dtype):
-  """y = (x - mean) * (inv * scale) + bias, in the stat dtype, cast once."""
-  a = inv if scale is None else inv * scale.reshape(inv.shape).astype(inv.dtype)
-  y = (x.astype(inv.dtype) - mean) * a
-  if bias is not None:
-    y = y + bias.reshape(inv.shape).astype(inv.dtype)
-  return y.astype(out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train(cfg, x, scale, bias, shift, mask):
-  """Train-mode forward: ``(y, batch_mean, batch_var, count)``, keepdims."""
-  out, _ = _train_fwd(cfg, x, scale, bias, shift, mask)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _train(cfg, x, scale, bias, mask, aux):
+  """``(y, batch_mean, batch_var, count)``, all but ``y`` keepdims."""
+  out, _ = _train_primal(cfg, x, scale, bias, mask, aux)
   return out
 
 
-def _train_fwd(cfg, x, scale, bias, shift, mask):
-  mean, var, count = _moments.moments(
-      x, cfg.red_axes, mask=mask, shift=shift, axis_name=cfg.axis_name,
-      axis_index_groups=cfg.axis_index_groups, sync=cfg.sync)
-  inv = lax.rsqrt(var + cfg.epsilon)
-  y = _apply(x, scale, bias, mean, inv, cfg.out_dtype)
-  residuals = (x, scale, bias, mean, inv, count, mask)
-  return (y, mean, var, count), residuals
+def _train_primal(cfg, x, scale, bias, mask, aux):
+  m = _moments.batch_moments(
+      x, cfg.red_axes, mask=mask, axis_name=cfg.axis_name,
+      axis_index_groups=cfg.axis_index_groups, sync=cfg.sync,
+      common_shift=aux["shift"])
+  mean, var = _moments.mean_var(m)
+  coef = _modes.coefficients(mean, var, m.count, scale, bias,
+                             epsilon=cfg.epsilon, renorm=aux["clip"],
+                             running=aux["running"])
+  y = _apply(x, coef.center, coef.a, coef.b, cfg.out_dtype)
+  return (y, mean, var, m.count), coef
 
 
-def _train_bwd(cfg, residuals, cts):
-  x, scale, bias, mean, inv, count, mask = residuals
-  sdt = inv.dtype
-  ct = cts[0]  # the cotangents of the statistics are ignored
-  # Two reductions, sum(gy) and sum(gy * (x - mean)), each on private
-  # operands so that XLA fuses converts and products into them.
-  (ct1, _, _), (ct2, x2, mean2) = _moments.independent((ct, x, mean), 2)
-  sg = jnp.sum(ct1.astype(sdt), axis=cfg.red_axes, keepdims=True)
-  sgx = jnp.sum(ct2.astype(sdt) * (x2.astype(sdt) - mean2),
-                axis=cfg.red_axes, keepdims=True)
-  # dx needs the sums over the whole (global) batch: ONE all-reduce.
-  sg_all, sgx_all = _moments.all_reduce_sum([sg, sgx], cfg.axis_name,
-                                            cfg.axis_index_groups)
-  a = inv if scale is None else inv * scale.reshape(inv.shape).astype(inv.dtype)
-  k = a / jnp.maximum(count, 1)
-  k1 = k * sg_all
-  k2 = k * inv * inv * sgx_all
-  # dx = a * gy - mask * (k1 + k2 * (x - mean)), one elementwise pass.
-  gy, xc = ct.astype(sdt), x.astype(sdt) - mean
-  if mask is None:
-    dx = a * gy - (k1 + k2 * xc)
+def _nonzero(tangent):
+  return None if tangent is None or isinstance(tangent, SymbolicZero) else (
+      tangent)
+
+
+def _train_jvp(cfg, primals, tangents):
+  x, scale, bias, mask, aux = primals
+  tx, tscale, tbias = (_nonzero(t) for t in tangents[:3])
+  out, coef = _train_primal(cfg, x, scale, bias, mask, aux)
+  count = out[3]
+  # Rematerialized: reverse mode saves x and per-feature vectors, never an
+  # activation-sized product of them.
+  tangent = jax.checkpoint(functools.partial(_tangent, cfg))
+  ty, tmean, tvar = tangent(x, mask, coef, count, tx, tscale, tbias)
+  return out, (ty, tmean, tvar, jnp.zeros_like(count))
+
+
+_train.defjvp(_train_jvp, symbolic_zeros=True)
+
+
+def _tangent(cfg, x, mask, coef, count, tx, tscale, tbias):
+  r"""The tangent of ``y = (x - c) a + b`` (linear in the tangents).
+
+  With ``xc = x - c``, ``n`` the count and, over valid values (and devices),
+  ``R1 = sum(t)`` and ``R2 = sum(t * xc)``: ``dc = R1 / n``,
+  ``d inv = -inv^3 R2 / n``, so::
+
+      dy = a * t + xc * u + v
+      u  = -a * inv^2 * R2 / n + dscale * gain
+      v  = -a * R1 / n + dbias + dscale * offset
+
+  Transposed (reverse mode) this is the classic closed form: two reductions
+  of the cotangent, ``sum(g)`` and ``sum(g * xc)``, one all-reduce of both
+  with an ``axis_name``, and one elementwise pass for ``dx``.
+  """
+  sdt = cfg.sdt
+  n = jnp.maximum(count, 1)
+  xc_r, xc_q = _cpu.private_map(lambda x, c: x.astype(sdt) - c,
+                                (x, coef.center), 2)
+  zeros = jnp.zeros_like(coef.center)
+  tmean = tvar = zeros
+  du = dv = None
+  terms = []
+  if tx is not None:
+    t = tx.astype(sdt)
+    t1, t2 = t, t * xc_r
+    if mask is not None:
+      # where, not a product: 0 * nan at a masked-out value would be nan.
+      t1, t2 = jnp.where(mask, t1, 0), jnp.where(mask, t2, 0)
+    r1 = jnp.sum(t1, cfg.red_axes, keepdims=True)
+    r2 = jnp.sum(t2, cfg.red_axes, keepdims=True)
+    r1, r2 = _parallel.all_reduce_sum([r1, r2], cfg.axis_name,
+                                      cfg.axis_index_groups)
+    tmean, tvar = r1 / n, 2 * r2 / n
+    du = -coef.a * coef.inv * coef.inv * r2 / n
+    dv = -coef.a * r1 / n
+    terms.append(coef.a * t)
+  if tscale is not None:
+    du = _add(du, tscale * coef.gain)
+    if coef.offset is not None:
+      dv = _add(dv, tscale * coef.offset)
+  if tbias is not None:
+    dv = _add(dv, jnp.broadcast_to(tbias, zeros.shape))
+  if du is not None or dv is not None:
+    du = zeros if du is None else jnp.broadcast_to(du, zeros.shape)
+    dv = zeros if dv is None else jnp.broadcast_to(dv, zeros.shape)
+    # One cast to "varying" for both vectors: its transpose is the
+    # backward's ONE all-reduce inside shard_map.
+    uv = _parallel.to_varying(jnp.stack([du, dv]), like=x)
+    if mask is not None:
+      # A masked-out nan/inf value has no say in the parameters' tangents.
+      xc_q = jnp.where(mask | jnp.isfinite(xc_q), xc_q, 0)
+    terms += [xc_q * uv[0], jnp.broadcast_to(uv[1], x.shape)]
+  if not terms:
+    ty = jnp.zeros(x.shape, cfg.out_dtype)
   else:
-    dx = a * gy - jnp.where(mask, k1 + k2 * xc, 0)
-  dx = dx.astype(x.dtype)
-
-  def param_ct(primal, local, total):
-    # Under shard_map, a parameter replicated over a mesh axis along which x
-    # varies needs its cotangent summed over that axis (the transpose of the
-    # implicit broadcast). Over axis_name the all-reduce above already made
-    # that sum; any other such axis (per-device statistics, no axis_name)
-    # gets a psum here. A per-device parameter (pmap, vmap, varying) keeps
-    # its own share.
-    if primal is None:
-      return None
-    if cfg.axis_name is not None:
-      names = cfg.axis_name if isinstance(cfg.axis_name, tuple) else (
-          cfg.axis_name,)
-      if (set(names) & _moments.varying_axes(x)
-          and not set(names) & _moments.varying_axes(primal)):
-        local = total
-    extra = _moments.varying_axes(local) - _moments.varying_axes(primal)
-    if extra:
-      local = lax.psum(local, tuple(sorted(extra)))
-    return local.reshape(primal.shape).astype(primal.dtype)
-
-  dscale = param_ct(scale, sgx * inv, sgx_all * inv)
-  dbias = param_ct(bias, sg, sg_all)
-  return dx, dscale, dbias, None, None
+    ty = _cpu.fan_in(terms, cfg.out_dtype)
+  return ty, tmean, tvar
 
 
-_train.defvjp(_train_fwd, _train_bwd)
+def _add(a, b):
+  return b if a is None else a + b

@@ -1,60 +1,81 @@
-"""Per-feature moments: local shifted sums, mask, and the ONE collective.
+"""Per-feature moments: the one place jbn computes statistics.
 
-This is the only module in jbn that computes batch statistics or talks to
-other devices. Everything else (the functional core, the Flax wrappers)
-calls into it.
+A :class:`Moments` accumulator holds, per feature, the number of valid
+values, a *shift* close to their mean, the mean relative to that shift, and
+the sum of squared deviations from the mean (``M2``)::
 
-Numerics. The variance is computed from *shifted* sums::
+    count = n    shift = s    delta = mean - s    m2 = sum((x - mean)**2)
 
-    d   = x - s                      (s: a per-feature shift, no gradient)
-    S1  = sum(m * d)    S2 = sum(m * d**2)    n = sum(m)
-    mean = s + S1 / n   var = S2 / n - (S1 / n)**2
+One batch is reduced with sums shifted by ``s`` (``d = x - s``)::
 
-which is exact in real arithmetic for any ``s`` and free of catastrophic
-cancellation whenever ``s`` lies within a few standard deviations of the
-batch mean (the relative error then grows like ``((mean - s) / std)**2``
-times the float32 epsilon, instead of ``(mean / std)**2`` for the textbook
-``E[x^2] - E[x]^2``). Both sums come from the same read of ``x``: the cost is
-that of the fast formula.
+    S1 = sum(d)    S2 = sum(d**2)    delta = S1 / n    m2 = S2 - S1 * delta
 
-Where the shift comes from:
+which is exact in real arithmetic for any ``s`` and free of cancellation when
+``s`` is close to the mean: the relative error of the variance grows like
+``1 + z**2`` times the float32 epsilon, ``z`` being ``(mean - s) / std``
+(``(mean / std)**2`` for the textbook ``E[x^2] - E[x]^2``). The shift is a
+*pilot mean*: the mean of a small strided sample of the batch (16 values per
+feature, computed relative to the sample's own rough mean so that it is
+exact to the last bit of the data's magnitude), so ``z`` is about 1/4 and the
+variance is as accurate as a float32 two-pass variance, from ONE read of
+``x``. With a mask, a feature whose sample holds no valid value falls back to
+its first valid value anywhere in the batch.
 
-* no ``axis_name`` (one device, or plain ``jit`` with sharded arrays): one
-  element of the batch itself (the first valid one), so the variance is
-  accurate at every step, the first included;
-* ``axis_name`` with ``sync="psum"`` (the default): the running mean. It is the
-  only per-feature value that is identical on every device without talking
-  to them, so the forward stays at ONE all-reduce of ``2C`` (``3C`` with a
-  mask) values. Accurate once the running mean is within a few batch standard
-  deviations of the data; requires the running statistics to be identical
-  across the axis (which synced batch norm keeps them);
-* ``axis_name`` with ``sync="gather"``: each device reduces its shard to
-  ``(count, shift, mean - shift, M2)`` with a local shift; one collective
-  gathers those ``4 x devices x C`` values and Chan's parallel formula merges
-  them relative to one device's shift. Accurate whatever the running mean is
-  (PyTorch's SyncBatchNorm gathers per-device moments the same way).
+Accumulators merge with Chan's parallel formula relative to the shift of the
+larger one (differences of nearby shifts are exact), so batches, devices and
+processes combine without cancellation: :func:`merge`, :func:`merge_stacked`.
+
+Across devices (:func:`batch_moments`):
+
+* ``sync="psum"``: every device shifts by the same value (the running mean,
+  identical on every device of the axis) and ONE all-reduce sums
+  ``(S1, S2[, n])``. Accurate once the running mean is within a few batch
+  standard deviations of the data;
+* ``sync="gather"``: every device reduces its shard with its own pilot shift;
+  ONE collective gathers the ``4 x devices x C`` values and Chan's formula
+  merges them. Accurate whatever the running statistics are.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from jbn import _cpu
+from jbn import _layout
+from jbn import _parallel
+
+Array = jax.Array
+
 SYNC_MODES = ("psum", "gather")
+PILOT_SIZE = 16  # values per feature in the sample that gives the shift
 
 
 class Moments(NamedTuple):
-  """Batch statistics, broadcastable against ``x`` (size 1 on reduced axes)."""
+  """Moments of a set of values, per feature, relative to a shift.
 
-  mean: jax.Array  # stat dtype, keepdims shape
-  var: jax.Array  # stat dtype, keepdims shape, biased (population) variance
-  count: jax.Array  # stat dtype; number of valid elements behind each feature
+  A batch's :func:`jbn.moments`, merged with others by
+  :func:`jbn.merge_moments` (Chan's parallel formula: exact in any order, no
+  cancellation), finalized by :func:`jbn.moments_mean_var`. All fields have
+  the feature shape (or broadcast against ``x``, inside jbn) and the
+  statistics dtype (at least float32).
+  """
+
+  count: Array  # number of valid values (a float: exact up to 2**24 in f32)
+  shift: Array  # a value close to the mean; carries no gradient
+  delta: Array  # mean - shift
+  m2: Array  # sum over the valid values of (value - mean)**2
+
+  @classmethod
+  def empty(cls, feature_shape, dtype: Any = jnp.float32) -> "Moments":
+    """The moments of no values: the neutral element of :func:`merge`."""
+    shape = _layout.as_shape(feature_shape, "feature_shape")
+    zeros = jnp.zeros(shape, dtype)
+    return cls(zeros, zeros, zeros, zeros)
 
 
 def stat_dtype(dtype: Any) -> jnp.dtype:
@@ -62,183 +83,319 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def axis_size(axis_name, axis_index_groups=None) -> int:
-  """Number of participants a collective over ``axis_name`` sums over."""
-  if axis_index_groups is not None:
-    return len(axis_index_groups[0])
-  names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
-  return math.prod(lax.axis_size(n) for n in names)
-
-
-def varying_axes(value) -> frozenset:
-  """Mesh axes along which ``value`` varies inside ``shard_map`` (else empty)."""
-  aval = jax.typeof(value)
-  mat = getattr(aval, "manual_axis_type", None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", ()))
-
-
-def all_reduce_sum(arrays: Sequence[jax.Array], axis_name, axis_index_groups):
-  """Sums arrays of one shape and dtype across ``axis_name`` in ONE all-reduce.
-
-  The arrays are stacked so that exactly one collective is issued, whatever
-  their number. Without ``axis_name`` they come back unchanged.
-  """
-  if axis_name is None:
-    return tuple(arrays)
-  stacked = lax.psum(jnp.stack(arrays), axis_name,
-                     axis_index_groups=axis_index_groups)
-  return tuple(stacked[i] for i in range(len(arrays)))
-
-
-def gather(value: jax.Array, axis_name, axis_index_groups) -> jax.Array:
-  """Every participant's ``value``, stacked on a new leading axis.
-
-  Written as ONE all-reduce of a buffer where each participant fills its own
-  row: unlike ``lax.all_gather`` the result is typed as identical on every
-  device inside ``shard_map`` (it can leave with ``P()`` and be
-  differentiated), and it works the same under ``pmap`` and ``vmap``.
-  The buffer is small: participants x 4 x C values.
-  """
-  names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
-  index = lax.axis_index(tuple(names) if len(names) > 1 else names[0])
-  size = axis_size(axis_name, axis_index_groups)
-  if axis_index_groups is not None:
-    total = math.prod(lax.axis_size(n) for n in names)
-    position = np.zeros(total, np.int32)
-    for group in axis_index_groups:
-      position[list(group)] = np.arange(len(group))
-    index = jnp.asarray(position)[index]
-  rows = jnp.zeros((size,) + value.shape, value.dtype)
-  rows = lax.dynamic_update_index_in_dim(rows, value, index, axis=0)
-  return lax.psum(rows, axis_name, axis_index_groups=axis_index_groups)
-
-
-def first_valid_shift(x: jax.Array, red_axes: tuple[int, ...],
-                      mask: jax.Array | None, fallback: jax.Array) -> jax.Array:
-  """One element of the batch per feature, used as the shift (keepdims).
-
-  Without a mask: the element at index 0 of every reduced axis. With a mask:
-  the first element whose mask is set (a feature that has none there falls
-  back to ``fallback``, which only matters for accuracy, never correctness).
-  """
-  sdt = stat_dtype(x.dtype)
-  if mask is None:
-    idx = tuple(slice(0, 1) if a in red_axes else slice(None)
-                for a in range(x.ndim))
-    return x[idx].astype(sdt)
-  # Mask dims that are size 1 broadcast, so index 0 there is as good as any.
-  row = mask if mask.ndim == 0 else jnp.any(
-      mask, axis=tuple(a for a in range(x.ndim) if a not in red_axes),
-      keepdims=True)
-  flat = jnp.argmax(row.reshape(-1))
-  starts = list(jnp.unravel_index(flat, row.shape)) if row.ndim else []
-  starts = [starts[a] if a in red_axes else 0 for a in range(x.ndim)]
-  sizes = [1 if a in red_axes else x.shape[a] for a in range(x.ndim)]
-  picked = lax.dynamic_slice(x, starts, sizes).astype(sdt)
-  valid = lax.dynamic_slice(jnp.broadcast_to(mask, x.shape), starts, sizes)
-  return jnp.where(valid, picked, fallback.astype(sdt))
-
-
-def independent(values, copies: int = 1):
-  """``copies`` copies of ``values`` that XLA cannot common up with each other.
-
-  XLA:CPU's reduction fusions take their elementwise producers (a shift, a
-  dtype convert, a product) only when no other op shares them; a shared
-  producer is materialized in full and re-read instead. Giving each
-  reduction its own barrier'd operands keeps every producer private, so each
-  reduction reads ``x`` straight from memory. The barriers are chained (two
-  identical barriers would be merged) and are identities: nothing is copied.
-  """
-  out = []
-  for _ in range(copies):
-    values = lax.optimization_barrier(values)
-    out.append(values)
-  return out
-
-
-def _local_sums(x, red_axes, mask, shift):
-  """(S1, S2, n) of ``x - shift`` over ``red_axes``, in the stat dtype.
-
-  S1 and S2 are two reductions over ``x`` that XLA fuses with their
-  elementwise producers (see :func:`independent`).
-  """
-  sdt = shift.dtype
-  (x1, shift1, mask1), (x2, shift2, mask2) = independent((x, shift, mask), 2)
-  d1 = x1.astype(sdt) - shift1
-  d2 = jnp.square(x2.astype(sdt) - shift2)
-  if mask is None:
-    n = jnp.asarray(math.prod(x.shape[a] for a in red_axes), sdt)
-  else:
-    d1, d2 = jnp.where(mask1, d1, 0), jnp.where(mask2, d2, 0)
-    # Count over the axes the mask spans; broadcast axes multiply the count.
-    spanned = tuple(a for a in red_axes if mask.shape[a] != 1)
-    repeat = math.prod(x.shape[a] for a in red_axes if mask.shape[a] == 1)
-    n = jnp.sum(mask, axis=spanned, keepdims=True, dtype=sdt) * repeat
-  s1 = jnp.sum(d1, axis=red_axes, keepdims=True)
-  s2 = jnp.sum(d2, axis=red_axes, keepdims=True)
-  return s1, s2, n
-
-
 def _safe_div(num, den):
   return num / jnp.maximum(den, 1)
 
 
-def moments(x: jax.Array, red_axes: tuple[int, ...], *,
-            mask: jax.Array | None = None,
-            shift: jax.Array | None = None,
-            axis_name=None, axis_index_groups=None,
-            sync: str = "psum") -> Moments:
-  """Mean, biased variance and count of ``x`` over ``red_axes`` (keepdims).
+# --------------------------------------------------------------------------
+# The shift
 
-  Args:
-    x: input of any floating dtype; statistics are in at least float32.
-    red_axes: the axes reduced over (all but the feature axes).
-    mask: boolean, already broadcastable to ``x`` with the same rank.
-    shift: the cross-device shift (keepdims, identical on every device), used
-      with ``axis_name`` and ``sync="psum"``. Ignored otherwise.
-    axis_name, axis_index_groups: make the statistics global over a mapped
-      axis, with one collective.
-    sync: ``"psum"`` (one all-reduce of shifted sums) or ``"gather"``
-      (one collective gathering per-device moments, Chan's merge).
 
-  Returns:
-    ``Moments(mean, var, count)``; a feature with ``count == 0`` gets a finite
-    mean and variance (the caller decides to ignore them).
+def _sample(shape, red_axes, size):
+  """Static strided slices picking about ``size`` values along ``red_axes``.
+
+  The first reduced axis (the batch, usually) is sampled first, evenly spaced
+  over its length, then the next ones as far as needed. Feature axes are
+  kept whole.
+  """
+  slices, remaining = [], size
+  for a, n in enumerate(shape):
+    if a not in red_axes:
+      slices.append(slice(None))
+      continue
+    k = max(1, min(n, remaining))
+    step = max(1, n // k)
+    slices.append(slice(0, step * k, step))
+    remaining = -(-remaining // k)
+  return tuple(slices)
+
+
+def _masked_mean(values, valid, red_axes):
+  total = jnp.sum(jnp.where(valid, values, 0), red_axes, keepdims=True)
+  count = jnp.sum(jnp.broadcast_to(valid, values.shape), red_axes,
+                  keepdims=True, dtype=values.dtype)
+  return _safe_div(total, count), count
+
+
+def _first_valid(x, red_axes, mask, sdt):
+  """Per feature, the first valid value of the batch (0 where none is)."""
+  feat = [a for a in range(x.ndim) if a not in red_axes]
+  red_sizes = tuple(mask.shape[a] for a in red_axes)
+  keep = tuple(1 if a in red_axes else mask.shape[a] for a in range(x.ndim))
+  flat = jnp.transpose(mask, list(red_axes) + feat).reshape(
+      (math.prod(red_sizes),) + tuple(mask.shape[a] for a in feat))
+  first = jnp.argmax(flat, axis=0)
+  valid = jnp.any(flat, axis=0).reshape(keep)
+  coords = iter(jnp.unravel_index(first, red_sizes))
+  index = []
+  for a in range(x.ndim):
+    if a in red_axes:
+      index.append(next(coords).reshape(keep))
+    else:
+      index.append(lax.broadcasted_iota(
+          jnp.int32, tuple(x.shape[a] if b == a else 1
+                           for b in range(x.ndim)), a))
+  return jnp.where(valid, x[tuple(index)].astype(sdt), 0)
+
+
+def pilot_shift(x: Array, red_axes: tuple[int, ...],
+                mask: Array | None = None) -> Array:
+  """A per-feature shift close to the batch mean (keepdims, no gradient).
+
+  The mean of a strided sample of about :data:`PILOT_SIZE` valid values per
+  feature, computed in two steps (a rough mean, then the mean of the sample's
+  differences from it) so that it is accurate to the last bit of the data's
+  magnitude. A feature without a valid value in the sample takes its first
+  valid value in the batch; one without any valid value takes 0.
   """
   sdt = stat_dtype(x.dtype)
-  keep_shape = tuple(1 if a in red_axes else x.shape[a] for a in range(x.ndim))
-  if axis_name is None or sync == "gather":
-    local = first_valid_shift(x, red_axes, mask, jnp.zeros(keep_shape, sdt))
+  keep = tuple(1 if a in red_axes else x.shape[a] for a in range(x.ndim))
+  if any(x.shape[a] == 0 for a in red_axes):
+    return jnp.zeros(keep, sdt)
+  x = lax.stop_gradient(x)
+  pick = _sample(x.shape, red_axes, PILOT_SIZE)
+  xs = x[pick].astype(sdt)
+  if mask is None:
+    valid = True
   else:
-    local = lax.stop_gradient(jnp.broadcast_to(shift, keep_shape).astype(sdt))
-  s1, s2, n = _local_sums(x, red_axes, mask, local)
-  n = jnp.broadcast_to(n, s1.shape)
+    valid = mask[tuple(p if mask.shape[a] != 1 else slice(0, 1)
+                       for a, p in enumerate(pick))]
+  rough, count = _masked_mean(xs, valid, red_axes)
+  fine, _ = _masked_mean(xs - rough, valid, red_axes)
+  shift = rough + fine
+  if mask is None:
+    return shift
+  return lax.cond(jnp.any(count == 0),
+                  lambda: jnp.where(count > 0, shift,
+                                    _first_valid(x, red_axes, mask, sdt)),
+                  lambda: shift)
 
-  if axis_name is not None and sync == "gather":
-    # Per device: count, shift, mean relative to the shift, and M2. Merged
-    # relative to one device's shift (differences of nearby shifts are
-    # exact), so nothing of the size of |mean| is ever rounded.
-    rel = _safe_div(s1, n)
-    m2_d = jnp.maximum(s2 - s1 * rel, 0)
-    parts = gather(jnp.stack([n, local, rel, m2_d]), axis_name,
-                   axis_index_groups)
-    ns, shifts, rels, m2s = parts[:, 0], parts[:, 1], parts[:, 2], parts[:, 3]
-    ref = jnp.take_along_axis(shifts, jnp.argmax(ns, axis=0)[None], axis=0)[0]
-    deltas = (shifts - ref) + rels
-    count = jnp.sum(ns, axis=0)
-    mrel = _safe_div(jnp.sum(ns * deltas, axis=0), count)
-    m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * jnp.square(deltas - mrel), axis=0)
-    return Moments(ref + mrel, _safe_div(m2, count), count)
 
+# --------------------------------------------------------------------------
+# One batch on one device
+
+
+def local_sums(x: Array, red_axes: tuple[int, ...], mask: Array | None,
+               shift: Array):
+  """``(S1, S2, n)`` of ``x - shift`` over ``red_axes`` (keepdims).
+
+  ``S1`` and ``S2`` are two reductions over ONE read of ``x`` (fused on
+  GPU/TPU; each fused with its own producer on CPU, see :mod:`jbn._cpu`).
+  Masked-out values never reach the sums, not even as ``0 * nan``.
+  """
+  sdt = shift.dtype
+
+  def shifted(x, shift, mask):
+    d = x.astype(sdt) - shift
+    return d if mask is None else jnp.where(mask, d, 0)
+
+  d1, d2 = _cpu.private_map(shifted, (x, shift, mask), 2)
+  s1 = jnp.sum(d1, red_axes, keepdims=True)
+  s2 = jnp.sum(d2 * d2, red_axes, keepdims=True)
+  if mask is None:
+    n = jnp.full(s1.shape, math.prod(x.shape[a] for a in red_axes), sdt)
+  else:
+    # Count over the axes the mask spans; broadcast axes multiply the count.
+    spanned = tuple(a for a in red_axes if mask.shape[a] != 1)
+    repeat = math.prod(x.shape[a] for a in red_axes if mask.shape[a] == 1)
+    n = jnp.broadcast_to(
+        jnp.sum(mask, axis=spanned, keepdims=True, dtype=sdt) * repeat,
+        s1.shape)
+  return s1, s2, n
+
+
+def from_sums(count, shift, s1, s2) -> Moments:
+  """:class:`Moments` from the shifted sums of one or more devices."""
+  delta = _safe_div(s1, count)
+  return Moments(count, shift, delta, jnp.maximum(s2 - s1 * delta, 0))
+
+
+def local_moments(x: Array, red_axes: tuple[int, ...],
+                  mask: Array | None = None) -> Moments:
+  """:class:`Moments` of this device's ``x`` over ``red_axes`` (keepdims)."""
+  shift = pilot_shift(x, red_axes, mask)
+  s1, s2, n = local_sums(x, red_axes, mask, shift)
+  return from_sums(n, shift, s1, s2)
+
+
+# --------------------------------------------------------------------------
+# Merging
+
+
+def merge_stacked(parts: Moments) -> Moments:
+  """Merges moments stacked along a leading axis (Chan et al.'s formula).
+
+  Relative to the shift of the part with the largest count: every other
+  part's mean is expressed as ``(its shift - that shift) + its delta``, a
+  difference of nearby values, so nothing of the size of ``|mean|`` is ever
+  rounded.
+  """
+  counts = parts.count
+  ref = jnp.take_along_axis(parts.shift, jnp.argmax(counts, axis=0)[None],
+                            axis=0)[0]
+  deltas = (parts.shift - ref) + parts.delta
+  count = jnp.sum(counts, axis=0)
+  delta = _safe_div(jnp.sum(counts * deltas, axis=0), count)
+  m2 = (jnp.sum(parts.m2, axis=0)
+        + jnp.sum(counts * jnp.square(deltas - delta), axis=0))
+  return Moments(count, ref, delta, m2)
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+  """The moments of the union of two sets of values."""
+  return merge_stacked(jax.tree.map(lambda u, v: jnp.stack([u, v]), a, b))
+
+
+def mean_var(m: Moments) -> tuple[Array, Array]:
+  """Mean and biased variance (0 where the count is 0)."""
+  return m.shift + m.delta, _safe_div(m.m2, m.count)
+
+
+# --------------------------------------------------------------------------
+# Across devices
+
+
+def all_moments(local: Moments, axis_name, axis_index_groups) -> Moments:
+  """Merges every participant's moments: ONE collective of ``4 x P x C``."""
+  parts = _parallel.gather(jnp.stack(local), axis_name, axis_index_groups)
+  return merge_stacked(Moments(*(parts[:, i] for i in range(4))))
+
+
+def batch_moments(x: Array, red_axes: tuple[int, ...], *,
+                  mask: Array | None = None, axis_name=None,
+                  axis_index_groups=None, sync: str = "gather",
+                  common_shift: Array | None = None) -> Moments:
+  """The batch's moments over ``red_axes`` and ``axis_name`` (keepdims).
+
+  The train forward of :func:`jbn.batch_norm` and :func:`jbn.moments` both
+  come here. ``common_shift`` (identical on every device) is used with
+  ``axis_name`` and ``sync="psum"`` only.
+  """
   if axis_name is None:
-    count = n
-  elif mask is None:
-    s1, s2 = all_reduce_sum([s1, s2], axis_name, axis_index_groups)
-    count = n * axis_size(axis_name, axis_index_groups)
+    return local_moments(x, red_axes, mask)
+  if sync == "gather":
+    return all_moments(local_moments(x, red_axes, mask), axis_name,
+                       axis_index_groups)
+  keep = tuple(1 if a in red_axes else x.shape[a] for a in range(x.ndim))
+  shift = lax.stop_gradient(jnp.broadcast_to(common_shift, keep)).astype(
+      stat_dtype(x.dtype))
+  s1, s2, n = local_sums(x, red_axes, mask, shift)
+  if mask is None:
+    s1, s2 = _parallel.all_reduce_sum([s1, s2], axis_name, axis_index_groups)
+    n = n * _parallel.axis_size(axis_name, axis_index_groups)
   else:
-    s1, s2, count = all_reduce_sum([s1, s2, n], axis_name, axis_index_groups)
-  m1 = _safe_div(s1, count)
-  var = jnp.maximum(_safe_div(s2, count) - m1 * m1, 0)
-  return Moments(local + m1, var, count)
+    s1, s2, n = _parallel.all_reduce_sum([s1, s2, n], axis_name,
+                                         axis_index_groups)
+  return from_sums(n, shift, s1, s2)
+
+
+# --------------------------------------------------------------------------
+# Public API
+
+
+def moments(x: Array, *, axis=-1, mask: Array | None = None, axis_name=None,
+            axis_index_groups=None) -> Moments:
+  r"""Per-feature moments of one batch, ready to merge with others.
+
+  Reduces ``x`` over every axis but ``axis`` (and across ``axis_name``,
+  and only where ``mask`` is set) into a :class:`jbn.Moments` accumulator
+  ``(count, shift, delta, m2)`` of the feature shape: the count of valid
+  values, a shift close to their mean, ``mean - shift``, and the sum of
+  squared deviations from the mean. Merge accumulators with
+  :func:`jbn.merge_moments` (e.g. in a ``lax.scan`` over batches) and read
+  them with :func:`jbn.moments_mean_var`. This is the same code that
+  computes :func:`jbn.batch_norm`'s batch statistics.
+
+  Numerics: one read of ``x``, sums shifted by a pilot mean, in at least
+  float32: as accurate as a two-pass variance (no cancellation when
+  ``|mean| >> std``). Across ``axis_name``, each device's moments are
+  gathered with ONE collective (``4 x devices x C`` values) and merged with
+  Chan's formula, so unequal per-device counts are weighted exactly.
+  Differentiable (the shift carries no gradient).
+
+  Args:
+    x: input of any floating dtype.
+    axis: feature axis or axes, kept (NHWC: ``-1``; NCHW: ``1``).
+    mask: boolean, broadcastable to ``x`` or to ``x`` without its feature
+      axes; False values are left out.
+    axis_name: mapped axis (``jax.shard_map``, ``jax.pmap``,
+      ``jax.vmap(axis_name=...)``) across which the moments are global.
+    axis_index_groups: groups of indices along ``axis_name`` (as in
+      ``jax.lax.psum``).
+
+  Returns:
+    A :class:`jbn.Moments` whose fields have the feature shape.
+
+  Example:
+    >>> import jax.numpy as jnp, jbn
+    >>> a = jbn.moments(jnp.array([[1.], [2.], [3.]]))
+    >>> b = jbn.moments(jnp.array([[10.], [11.], [12.], [13.], [14.]]))
+    >>> a.count
+    Array([3.], dtype=float32)
+    >>> mean, var = jbn.moments_mean_var(jbn.merge_moments(a, b))
+    >>> mean.round(4), var.round(4)
+    (Array([8.25], dtype=float32), Array([24.9375], dtype=float32))
+  """
+  x = jnp.asarray(x)
+  _check_floating(x, "moments")
+  lay = _layout.layout(x.shape, axis)
+  mask = _layout.prepare_mask(mask, x.shape, lay)
+  if axis_name is not None:
+    _parallel.axis_size(axis_name, axis_index_groups)  # NameError if unbound
+  m = batch_moments(x, lay.red_axes, mask=mask, axis_name=axis_name,
+                    axis_index_groups=axis_index_groups, sync="gather")
+  return Moments(*(f.reshape(lay.feature_shape) for f in m))
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+  """Moments of the union of two sets of values (Chan's parallel formula).
+
+  Exact in real arithmetic and free of cancellation in floating point: the
+  means are combined relative to the shift of the larger set. Merging with
+  :meth:`jbn.Moments.empty` returns the other argument's statistics, so an
+  empty accumulator can start a ``lax.scan``.
+
+  Args:
+    a: moments of one set (e.g. from :func:`jbn.moments`).
+    b: moments of another set, with the same shapes.
+
+  Returns:
+    A :class:`jbn.Moments`.
+
+  Example:
+    >>> import jax.numpy as jnp, jbn
+    >>> acc = jbn.Moments.empty(1)
+    >>> for batch in ([[1.], [2.], [3.]], [[10.], [11.]]):
+    ...   acc = jbn.merge_moments(acc, jbn.moments(jnp.array(batch)))
+    >>> acc.count
+    Array([5.], dtype=float32)
+    >>> jbn.moments_mean_var(acc)[0].round(4)
+    Array([5.4], dtype=float32)
+  """
+  return merge(Moments(*a), Moments(*b))
+
+
+def moments_mean_var(m: Moments) -> tuple[Array, Array]:
+  """The mean and the biased (population) variance of a :class:`Moments`.
+
+  Args:
+    m: an accumulator.
+
+  Returns:
+    ``(mean, var)``, with ``var = m2 / count``; a feature with no values
+    gets ``mean = shift`` and ``var = 0``.
+
+  Example:
+    >>> import jax.numpy as jnp, jbn
+    >>> mean, var = jbn.moments_mean_var(jbn.moments(jnp.array([[1.], [3.]])))
+    >>> mean, var
+    (Array([2.], dtype=float32), Array([1.], dtype=float32))
+  """
+  return mean_var(Moments(*m))
+
+
+def _check_floating(x, what):
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f"{what} expects a floating-point x, got dtype {x.dtype}; cast it "
+        f"first, e.g. x.astype(jnp.float32).")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from jbn._functional import _canonical_axes
+from jbn._layout import feature_axes as _canonical_axes
 from jbn._functional import batch_norm
 
 Array = jax.Array
@@ -147,9 +147,9 @@ class BatchNorm(nn.Module):
     >>> updates['batch_stats']['mean']
     Array([0.2, 2. ], dtype=float32)
     >>> variables = {**variables, **updates}  # the new batch_stats
-    >>> bn.apply(variables, x, use_running_average=True)
-    Array([[0.8, 2.423 ],
-           [2.8, 8.481 ]], dtype=float32)
+    >>> bn.apply(variables, x, use_running_average=True).round(3)
+    Array([[0.8  , 2.423],
+           [2.8  , 8.481]], dtype=float32)
   """
 
   use_running_average: bool | None = None

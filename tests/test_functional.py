@@ -273,10 +273,10 @@ def test_one_value_per_feature_is_fine_in_eval(rng):
 
 def test_state_with_extra_keys_is_carried_through(rng):
   x, params, state = _problem(rng, (8, 3), -1)
-  state = {**state, "count": jnp.int32(7)}
+  state = {**state, "step": jnp.int32(7)}  # 'count' is warm start's key
   _, new_state = _BN(params, state, x, True)
-  assert set(new_state) == {"mean", "var", "count"}
-  assert new_state["count"] == 7
+  assert set(new_state) == {"mean", "var", "step"}
+  assert new_state["step"] == 7
 
 
 # --------------------------------------------------------------------------

@@ -518,10 +518,14 @@ def test_nn_remat_matches_flax():
     def loss(params):
       y, upd = Net(bn).apply({**v, "params": params}, x,
                              mutable=["batch_stats"])
-      return jnp.sum(y ** 2), upd
+      # Not sum(y**2): after a batch norm that is nearly constant, and its
+      # gradient is amplified rounding (implementations differ by 1e-4).
+      return jnp.sum(jnp.sin(3 * y)), upd
     return jax.jit(jax.grad(loss, has_aux=True))(v["params"])
 
-  assert_close(run(JbnBN), run(FlaxBN), rtol=1e-4, atol=1e-5)
+  # The Dense biases before a batch norm have a zero gradient in exact
+  # arithmetic: what is left is rounding, ~1e-5 in either implementation.
+  assert_close(run(JbnBN), run(FlaxBN), rtol=1e-4, atol=3e-5)
 
 
 def test_axis_index_groups_under_pmap_match_flax():
