@@ -540,7 +540,7 @@ def _tangent(cfg, x, mask, coef, count, tx, tscale, tbias):
 
       dy = a * t + xc * u + v
       u  = -a * inv^2 * R2 / n + dscale * gain
-      v  = -a * R1 / n + dbias + dscale * offset
+      v  = -sum(a * t) / n + dbias + dscale * offset
 
   Transposed (reverse mode) this is the classic closed form: two reductions
   of the cotangent, ``sum(g)`` and ``sum(g * xc)``, one all-reduce of both
@@ -556,18 +556,21 @@ def _tangent(cfg, x, mask, coef, count, tx, tscale, tbias):
   terms = []
   if tx is not None:
     t = tx.astype(sdt)
-    t1, t2 = t, t * xc_r
+    q = coef.a * t
+    parts = [t, q, t * xc_r]
     if mask is not None:
       # where, not a product: 0 * nan at a masked-out value would be nan.
-      t1, t2 = jnp.where(mask, t1, 0), jnp.where(mask, t2, 0)
-    r1 = jnp.sum(t1, cfg.red_axes, keepdims=True)
-    r2 = jnp.sum(t2, cfg.red_axes, keepdims=True)
-    r1, r2 = _parallel.all_reduce_sum([r1, r2], cfg.axis_name,
-                                      cfg.axis_index_groups)
+      parts = [jnp.where(mask, p, 0) for p in parts]
+    r1, r1q, r2 = _parallel.all_reduce_sum(
+        [jnp.sum(p, cfg.red_axes, keepdims=True) for p in parts],
+        cfg.axis_name, cfg.axis_index_groups)
     tmean, tvar = r1 / n, 2 * r2 / n
     du = -coef.a * coef.inv * coef.inv * r2 / n
-    dv = -coef.a * r1 / n
-    terms.append(coef.a * t)
+    # a * (t - mean(t)) as a * t - mean(a * t): transposed, the cotangent is
+    # centred before it is scaled (a * (g - mean(g))), which is exact where
+    # g is constant, and mean(g) is the same reduction as dbias.
+    dv = -r1q / n
+    terms.append(q)
   if tscale is not None:
     du = _add(du, tscale * coef.gain)
     if coef.offset is not None:
