@@ -419,7 +419,10 @@ def _prepare(params, state, x, train, *, axis, momentum, epsilon, axis_name,
   eps, groups = _check_hyper(momentum, epsilon, sync, axis_name,
                              axis_index_groups, sdt)
   mask = _layout.prepare_mask(mask, x.shape, lay)
-  ghost = _modes.check_ghost(ghost_batch_size, x.shape, lay, axis_name)
+  # Evaluation ignores ghost batches: any batch size works there.
+  evaluating = isinstance(train, (bool, np.bool_)) and not train
+  ghost = None if evaluating else _modes.check_ghost(
+      ghost_batch_size, x.shape, lay, axis_name)
   renorm = _modes.check_renorm(renorm)
   local = ghost is not None  # ghost batches: statistics local to each device
   cfg = _Config(
@@ -523,7 +526,7 @@ def _train_jvp(cfg, primals, tangents):
   count = out[3]
   # Rematerialized: reverse mode saves x and per-feature vectors, never an
   # activation-sized product of them.
-  tangent = jax.checkpoint(functools.partial(_tangent, cfg))
+  tangent = jax.checkpoint(functools.partial(_tangent, cfg), prevent_cse=False)
   ty, tmean, tvar = tangent(x, mask, coef, count, tx, tscale, tbias)
   return out, (ty, tmean, tvar, jnp.zeros_like(count))
 

@@ -12,7 +12,6 @@ and checkpoints move both ways between the two modules unchanged.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,46 +20,12 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from jbn._layout import feature_axes as _canonical_axes
-from jbn._functional import batch_norm
+from jbn import _flax
+from jbn._modes import RenormClip
 
 Array = jax.Array
 Dtype = Any
 Initializer = Any
-
-
-def _as_train_flag(use_running_average: Any) -> bool | Array:
-  """``not use_running_average``, for a Python value or a boolean scalar array.
-
-  Shared by :mod:`jbn.linen` and :mod:`jbn.nnx`. A (possibly traced) boolean
-  scalar array becomes its logical negation, so one compiled function can
-  serve both modes.
-  """
-  if isinstance(use_running_average, jax.Array):
-    if (use_running_average.ndim != 0
-        or use_running_average.dtype != jnp.bool_):
-      raise TypeError(
-          f"use_running_average must be a Python bool or a boolean scalar "
-          f"array, got an array of dtype {use_running_average.dtype} and "
-          f"shape {use_running_average.shape}.")
-    return jnp.logical_not(use_running_average)
-  return not use_running_average
-
-
-def _flax_mask(mask: Array | None, ndim: int) -> Array | None:
-  """A Flax-style mask (any dtype, NumPy-broadcastable to ``x``) for jbn.
-
-  Flax casts the mask to bool and broadcasts it against ``x`` by NumPy rules;
-  :func:`jbn.batch_norm` wants a boolean mask of ``x``'s rank (or of ``x``
-  without its feature axes). Left-padding with size-1 axes gives NumPy's
-  meaning without materializing a full-size mask.
-  """
-  if mask is None:
-    return None
-  mask = jnp.asarray(mask, dtype=bool)
-  if mask.ndim < ndim:
-    mask = mask.reshape((1,) * (ndim - mask.ndim) + mask.shape)
-  return mask
 
 
 class BatchNorm(nn.Module):
@@ -96,6 +61,11 @@ class BatchNorm(nn.Module):
     spatial axes) raises ``ValueError`` instead of silently outputting the
     bias. During ``init`` such an input falls back to the running
     statistics, so ``model.init(key, x[:1])`` still works.
+  * **Modes Flax lacks**: ``renorm`` (batch renormalization, with a per-call
+    override for schedules), ``ghost_batch_size`` (ghost batch norm) and
+    ``warm_start`` (running statistics that are the exact average of the
+    first ``1 / (1 - momentum)`` batches; adds an int32
+    ``batch_stats/count``). See :func:`jbn.batch_norm`.
 
   During ``init`` (``self.is_initializing()``), as in Flax, the batch
   statistics are computed without ``axis_name`` (the mapped axis need not
@@ -129,9 +99,15 @@ class BatchNorm(nn.Module):
     sync: jbn only, with ``axis_name``: ``"psum"`` (one all-reduce) or
       ``"gather"`` (robust to running statistics far from the data); see
       :func:`jbn.batch_norm`.
+    renorm: jbn only: ``None`` or a :class:`jbn.RenormClip` (batch
+      renormalization); ``__call__(..., renorm=...)`` overrides it per call.
+    ghost_batch_size: jbn only: ``None`` or the size of the ghost batches the
+      leading axis is split into.
+    warm_start: jbn only: keep an int32 ``count`` of updates in
+      ``batch_stats`` and average the first batches exactly.
 
   Example:
-    >>> import jax, jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp, numpy as np
     >>> from jbn.linen import BatchNorm
     >>> x = jnp.array([[1., 10.], [3., 30.]])
     >>> bn = BatchNorm(momentum=0.9)
@@ -147,9 +123,10 @@ class BatchNorm(nn.Module):
     >>> updates['batch_stats']['mean']
     Array([0.2, 2. ], dtype=float32)
     >>> variables = {**variables, **updates}  # the new batch_stats
-    >>> bn.apply(variables, x, use_running_average=True).round(3)
-    Array([[0.8  , 2.423],
-           [2.8  , 8.481]], dtype=float32)
+    >>> y = bn.apply(variables, x, use_running_average=True)
+    >>> np.asarray(y, np.float64).round(3)  # machine-independent digits
+    array([[0.8  , 2.423],
+           [2.8  , 8.481]])
   """
 
   use_running_average: bool | None = None
@@ -167,10 +144,14 @@ class BatchNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   sync: str = "psum"
+  renorm: RenormClip | None = None
+  ghost_batch_size: int | None = None
+  warm_start: bool = False
 
   @nn.compact
   def __call__(self, x: Array, use_running_average: bool | Array | None = None,
-               *, mask: Array | None = None) -> Array:
+               *, mask: Array | None = None,
+               renorm: RenormClip | None = None) -> Array:
     """Normalizes ``x`` with batch or running statistics.
 
     Args:
@@ -179,6 +160,8 @@ class BatchNorm(nn.Module):
         the constructor, not both.
       mask: array broadcastable to ``x`` (NumPy rules, cast to bool, as in
         Flax); False elements do not count in the statistics.
+      renorm: overrides the ``renorm`` field for this call (e.g.
+        ``jbn.renorm_clip(step)`` for the warm-up schedule).
 
     Returns:
       The normalized input, of ``x``'s shape and ``dtype`` (default
@@ -187,15 +170,21 @@ class BatchNorm(nn.Module):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
     x = jnp.asarray(x)
-    feature_shape = tuple(
-        x.shape[a] for a in _canonical_axes(self.axis, x.ndim))
+    feature_shape = _flax.feature_shape(x, self.axis)
 
     stats_dtype = (jnp.float32 if self.force_float32_reductions
                    else self.param_dtype)
-    ra_mean = self.variable("batch_stats", "mean",
-                            lambda s: jnp.zeros(s, stats_dtype), feature_shape)
-    ra_var = self.variable("batch_stats", "var",
-                           lambda s: jnp.ones(s, stats_dtype), feature_shape)
+    stats = {
+        "mean": self.variable("batch_stats", "mean",
+                              lambda s: jnp.zeros(s, stats_dtype),
+                              feature_shape),
+        "var": self.variable("batch_stats", "var",
+                             lambda s: jnp.ones(s, stats_dtype),
+                             feature_shape)}
+    if self.warm_start:
+      stats["count"] = self.variable("batch_stats", "count",
+                                     lambda s: jnp.zeros(s, jnp.int32),
+                                     feature_shape)
     # Same creation order as Flax (scale, then bias): same rngs per name.
     params = {}
     if self.use_scale:
@@ -205,20 +194,22 @@ class BatchNorm(nn.Module):
       params["bias"] = self.param("bias", self.bias_init, feature_shape,
                                   self.param_dtype)
 
-    train = _as_train_flag(use_running_average)
-    mask = _flax_mask(mask, x.ndim)
+    opts = _flax.Options(
+        axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
+        dtype=self.dtype, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, sync=self.sync,
+        ghost_batch_size=self.ghost_batch_size)
+    train = _flax.train_flag(use_running_average)
+    mask = _flax.flax_mask(mask, x.ndim)
     initializing = self.is_initializing()
-    if initializing and mask is None and train is True and math.prod(
-        x.shape) == math.prod(feature_shape):
+    if initializing and train is True and _flax.one_value_per_feature(
+        x, opts, mask):
       train = False  # one value per feature: no batch statistics to show
-    state = {"mean": ra_mean.value, "var": ra_var.value}
-    y, new_state = batch_norm(
-        params, state, x, train, axis=self.axis, momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        mask=mask, dtype=self.dtype, sync=self.sync)
+    y, new_state = _flax.call(
+        opts, params, {k: v.value for k, v in stats.items()}, x, train, mask,
+        renorm=renorm if renorm is not None else self.renorm,
+        local=initializing)
     if not initializing and train is not False:
-      ra_mean.value = new_state["mean"]
-      ra_var.value = new_state["var"]
+      for key, var in stats.items():
+        var.value = new_state[key]
     return y

@@ -10,6 +10,8 @@ Modes switch as in Flax: ``model.train()`` / ``model.eval()``,
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -18,10 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jbn._layout import feature_axes as _canonical_axes
-from jbn._functional import batch_norm
-from jbn.linen import _as_train_flag
-from jbn.linen import _flax_mask
+from jbn import _flax
+from jbn._modes import RenormClip
 
 Array = jax.Array
 Dtype = Any
@@ -67,8 +67,19 @@ class BatchNorm(nnx.Module):
     ``use_fast_variance`` is accepted and ignored.
   * **Cross-device statistics** take one collective (``sync="psum"``, or the
     robust ``"gather"``), count-weighted under a ``mask``; an all-False mask
-    keeps the running statistics instead of writing NaN; one value per
-    feature in training raises ``ValueError``.
+    keeps the running statistics instead of writing NaN.
+  * **One value per feature** in training (e.g. ``nnx.tabulate(model,
+    jnp.ones((1, 32)))`` on a model in training mode). Flax silently
+    outputs the bias and drags the running variance toward 0. jbn keeps
+    shape probes working and makes training fail loudly: the call warns,
+    normalizes with the running statistics and leaves them unchanged, and
+    differentiating through it (``nnx.grad``, ``nnx.value_and_grad``,
+    ``jax.jvp``: every training step) raises ``ValueError``. With
+    ``axis_name``, or a traced ``use_running_average``, it raises at once,
+    as :func:`jbn.batch_norm` does.
+  * **Modes Flax lacks**: ``renorm``, ``ghost_batch_size``, ``warm_start``,
+    as in :class:`jbn.linen.BatchNorm` (``warm_start`` adds a
+    ``BatchStat`` ``count``, int32).
 
   ``use_running_average`` may also be a (traced) boolean scalar array given
   to ``__call__``: one compiled function then serves both modes (the running
@@ -100,9 +111,14 @@ class BatchNorm(nnx.Module):
     scale_metadata: metadata of the ``scale`` ``Param``.
     sync: jbn only, with ``axis_name``: ``"psum"`` or ``"gather"``; see
       :func:`jbn.batch_norm`.
+    renorm: jbn only: ``None`` or a :class:`jbn.RenormClip` (batch
+      renormalization); ``__call__(..., renorm=...)`` overrides it per call.
+    ghost_batch_size: jbn only: ``None`` or the ghost batch size.
+    warm_start: jbn only: keep an int32 ``count`` of updates and average
+      the first batches exactly.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, numpy as np
     >>> from flax import nnx
     >>> import jbn.nnx
     >>> x = jnp.array([[1., 10.], [3., 30.]])
@@ -113,9 +129,9 @@ class BatchNorm(nnx.Module):
     >>> bn.mean[...]
     Array([0.2, 2. ], dtype=float32)
     >>> bn.eval()  # running statistics from now on
-    >>> bn(x).round(3)
-    Array([[0.8  , 2.423],
-           [2.8  , 8.481]], dtype=float32)
+    >>> np.asarray(bn(x), np.float64).round(3)  # machine-independent digits
+    array([[0.8  , 2.423],
+           [2.8  , 8.481]])
     >>> bn.mean[...]  # unchanged
     Array([0.2, 2. ], dtype=float32)
   """
@@ -142,11 +158,19 @@ class BatchNorm(nnx.Module):
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
       sync: str = "psum",
+      renorm: RenormClip | None = None,
+      ghost_batch_size: int | None = None,
+      warm_start: bool = False,
   ):
     feature_shape = ((num_features,) if isinstance(num_features, int)
                      else tuple(num_features))
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    self.count: nnx.BatchStat | None
+    if warm_start:
+      self.count = nnx.BatchStat(jnp.zeros(feature_shape, jnp.int32))
+    else:
+      self.count = nnx.data(None)
     # Same order of rngs.params() draws as Flax (scale, then bias).
     self.scale: nnx.Param | None
     if use_scale:
@@ -177,9 +201,13 @@ class BatchNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
     self.sync = sync
+    self.renorm = renorm
+    self.ghost_batch_size = ghost_batch_size
+    self.warm_start = warm_start
 
   def __call__(self, x: Array, use_running_average: bool | Array | None = None,
-               *, mask: Array | None = None) -> Array:
+               *, mask: Array | None = None,
+               renorm: RenormClip | None = None) -> Array:
     """Normalizes ``x`` with batch or running statistics.
 
     Args:
@@ -188,6 +216,8 @@ class BatchNorm(nnx.Module):
         call.
       mask: array broadcastable to ``x`` (NumPy rules, cast to bool, as in
         Flax); False elements do not count in the statistics.
+      renorm: overrides the ``renorm`` attribute for this call (e.g.
+        ``jbn.renorm_clip(step)``).
 
     Returns:
       The normalized input, of ``x``'s shape and ``dtype`` (default: the
@@ -199,7 +229,7 @@ class BatchNorm(nnx.Module):
       raise ValueError(_NO_MODE)
     x = jnp.asarray(x)
     feature_shape = tuple(self.mean.shape)
-    got = tuple(x.shape[a] for a in _canonical_axes(self.axis, x.ndim))
+    got = _flax.feature_shape(x, self.axis)
     if got != feature_shape:
       raise ValueError(
           f"BatchNorm was built for num_features={self.num_features!r} but "
@@ -209,20 +239,42 @@ class BatchNorm(nnx.Module):
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     state = {"mean": self.mean[...], "var": self.var[...]}
+    if self.count is not None:
+      state["count"] = self.count[...]
     if self.promote_dtype is not None:
       x, _, _, scale, bias = self.promote_dtype(
           (x, state["mean"], state["var"], scale, bias), dtype=self.dtype)
     params = {k: v for k, v in (("scale", scale), ("bias", bias))
               if v is not None}
-    train = _as_train_flag(use_running_average)
-    y, new_state = batch_norm(
-        params, state, x, train, axis=self.axis, momentum=self.momentum,
-        epsilon=self.epsilon, axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        mask=_flax_mask(mask, x.ndim), dtype=self.dtype, sync=self.sync)
+    opts = _flax.Options(
+        axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
+        dtype=self.dtype, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups, sync=self.sync,
+        ghost_batch_size=self.ghost_batch_size)
+    train = _flax.train_flag(use_running_average)
+    mask = _flax.flax_mask(mask, x.ndim)
+    probe = (train is True and self.axis_name is None
+             and _flax.one_value_per_feature(x, opts, mask))
+    if probe:
+      # A shape probe (nnx.tabulate, model(x[:1])): the running statistics
+      # give the output and stay as they are; a training step (anything
+      # differentiated) fails.
+      message = _flax.one_value_message(x, self.axis)
+      warnings.warn(
+          f"{message} Using the running statistics and leaving them "
+          f"unchanged for this call; differentiating it raises.",
+          stacklevel=2)
+      train = False
+    y, new_state = _flax.call(
+        opts, params, state, x, train, mask,
+        renorm=renorm if renorm is not None else self.renorm)
+    if probe:
+      y = _flax.no_gradient_through(y, message)
     if train is not False:
       self.mean[...] = new_state["mean"]
       self.var[...] = new_state["var"]
+      if self.count is not None:
+        self.count[...] = new_state["count"]
     return y
 
   def set_view(self, use_running_average: bool | None = None):
