@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jbn import _functional
 from jbn import _layout
+from jbn import _moments
 
 Array = jax.Array
 
@@ -114,3 +115,17 @@ def call(opts: Options, params, state, x: Array, train, mask, *, renorm=None,
 def one_value_message(x: Array, axis) -> str:
   return _functional.ONE_VALUE.format(
       n=1, where=f"for input of shape {x.shape} with axis={axis!r}")
+
+
+# The collection (linen) / attribute (nnx) where jbn.recalibrate finds each
+# layer's batch moments: (count, shift, delta, m2) stacked, feature-shaped.
+MOMENTS = "batch_moments"
+
+
+def local_moments(x: Array, opts: Options, mask) -> Array:
+  """This device's moments of ``x`` (stacked), for recalibration.
+
+  Local on purpose: :func:`jbn.recalibrate` merges participants once, at
+  the end (under plain ``jit`` with sharded arrays they are global anyway).
+  """
+  return jnp.stack(_moments.moments(x, axis=opts.axis, mask=mask))

@@ -212,4 +212,6 @@ class BatchNorm(nn.Module):
     if not initializing and train is not False:
       for key, var in stats.items():
         var.value = new_state[key]
+      if self.is_mutable_collection(_flax.MOMENTS):  # jbn.recalibrate
+        self.sow(_flax.MOMENTS, "moments", _flax.local_moments(x, opts, mask))
     return y

@@ -275,6 +275,8 @@ class BatchNorm(nnx.Module):
       self.var[...] = new_state["var"]
       if self.count is not None:
         self.count[...] = new_state["count"]
+      if getattr(self, _flax.MOMENTS, None) is not None:  # jbn.nnx.recalibrate
+        getattr(self, _flax.MOMENTS)[...] = _flax.local_moments(x, opts, mask)
     return y
 
   def set_view(self, use_running_average: bool | None = None):
