@@ -15,8 +15,8 @@ which is exact in real arithmetic for any ``s`` and free of cancellation when
 ``1 + z**2`` times the float32 epsilon, ``z`` being ``(mean - s) / std``
 (``(mean / std)**2`` for the textbook ``E[x^2] - E[x]^2``). The shift is a
 *pilot mean*: the mean of a small strided sample of the batch (16 values per
-feature, computed relative to the sample's own rough mean so that it is
-exact to the last bit of the data's magnitude), so ``z`` is about 1/4 and the
+feature, computed relative to the sample's first value so that it is exact
+to the last bit of the data's magnitude), so ``z`` is about 1/4 and the
 variance is as accurate as a float32 two-pass variance, from ONE read of
 ``x``. With a mask, a feature whose sample holds no valid value falls back to
 its first valid value anywhere in the batch.
@@ -38,6 +38,7 @@ Across devices (:func:`batch_moments`):
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -110,13 +111,6 @@ def _sample(shape, red_axes, size):
   return tuple(slices)
 
 
-def _masked_mean(values, valid, red_axes):
-  total = jnp.sum(jnp.where(valid, values, 0), red_axes, keepdims=True)
-  count = jnp.sum(jnp.broadcast_to(valid, values.shape), red_axes,
-                  keepdims=True, dtype=values.dtype)
-  return _safe_div(total, count), count
-
-
 def _first_valid(x, red_axes, mask, sdt):
   """Per feature, the first valid value of the batch (0 where none is)."""
   feat = [a for a in range(x.ndim) if a not in red_axes]
@@ -143,10 +137,12 @@ def pilot_shift(x: Array, red_axes: tuple[int, ...],
   """A per-feature shift close to the batch mean (keepdims, no gradient).
 
   The mean of a strided sample of about :data:`PILOT_SIZE` valid values per
-  feature, computed in two steps (a rough mean, then the mean of the sample's
-  differences from it) so that it is accurate to the last bit of the data's
-  magnitude. A feature without a valid value in the sample takes its first
-  valid value in the batch; one without any valid value takes 0.
+  feature, taken relative to the sample's first value (so that it is exact
+  to the last bit of the data's magnitude) and summed with unrolled
+  elementwise adds (a reduction op of this size costs more than the
+  arithmetic on XLA:CPU). A feature without a valid value in the sample
+  takes its first valid value in the batch; one without any valid value
+  takes 0.
   """
   sdt = stat_dtype(x.dtype)
   keep = tuple(1 if a in red_axes else x.shape[a] for a in range(x.ndim))
@@ -155,16 +151,28 @@ def pilot_shift(x: Array, red_axes: tuple[int, ...],
   x = lax.stop_gradient(x)
   pick = _sample(x.shape, red_axes, PILOT_SIZE)
   xs = x[pick].astype(sdt)
+  points = list(itertools.product(*(
+      range(xs.shape[a]) if a in red_axes else [slice(None)]
+      for a in range(x.ndim))))
+  value = lambda i: xs[tuple(  # noqa: E731
+      slice(j, j + 1) if isinstance(j, int) else j for j in i)]
   if mask is None:
-    valid = True
-  else:
-    valid = mask[tuple(p if mask.shape[a] != 1 else slice(0, 1)
-                       for a, p in enumerate(pick))]
-  rough, count = _masked_mean(xs, valid, red_axes)
-  fine, _ = _masked_mean(xs - rough, valid, red_axes)
-  shift = rough + fine
-  if mask is None:
-    return shift
+    ref = value(points[0])
+    total = sum((value(i) - ref for i in points[1:]), jnp.zeros(keep, sdt))
+    return ref + total / len(points)
+  ms = mask[tuple(p if mask.shape[a] != 1 else slice(0, 1)
+                  for a, p in enumerate(pick))]
+  valid = lambda i: ms[tuple(  # noqa: E731
+      (slice(j, j + 1) if ms.shape[a] != 1 else slice(0, 1))
+      if isinstance(j, int) else j for a, j in enumerate(i))]
+  first = value(points[0])
+  ref = jnp.where(valid(points[0]) & jnp.isfinite(first), first, 0)
+  total = jnp.zeros(keep, sdt)
+  count = jnp.zeros(keep, sdt)
+  for i in points:
+    total = total + jnp.where(valid(i), value(i) - ref, 0)
+    count = count + valid(i)
+  shift = ref + total / jnp.maximum(count, 1)
   return lax.cond(jnp.any(count == 0),
                   lambda: jnp.where(count > 0, shift,
                                     _first_valid(x, red_axes, mask, sdt)),
