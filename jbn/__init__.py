@@ -18,6 +18,7 @@ from jbn._moments import Moments
 from jbn._moments import merge_moments
 from jbn._moments import moments
 from jbn._moments import moments_mean_var
+from jbn._recalibrate import recalibrate
 from jbn._running import upgrade_state
 
 __version__ = "0.2.0"
@@ -32,6 +33,7 @@ __all__ = (
     "merge_moments",
     "moments",
     "moments_mean_var",
+    "recalibrate",
     "renorm_clip",
     "upgrade_state",
 )
