@@ -288,3 +288,167 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+# --------------------------------------------------------------------------
+# Recalibration (PreciseBN)
+
+from jbn import _recalibrate  # noqa: E402  (appended section; see below)
+from jbn._moments import Moments  # noqa: E402
+
+
+class BatchMoments(nnx.Variable):
+  """Moments a :class:`BatchNorm` reports while :func:`recalibrate` runs.
+
+  A ``(5, *feature_shape)`` float32 array: the rows of a :class:`jbn.Moments`
+  ``(count, shift, delta, m2)`` and the sum of the ``m2`` of every call.
+  Writing a call's stacked moments ``(count, shift, delta, m2)`` *merges*
+  them in (Chan's formula) instead of replacing the value, so a layer called
+  several times per forward counts every call. :func:`recalibrate` creates
+  these before its pass and deletes them after.
+  """
+
+  @classmethod
+  def empty(cls, feature_shape) -> "BatchMoments":
+    return cls(jnp.zeros((5, *feature_shape), jnp.float32))
+
+  def set_value(self, value, **kwargs):
+    super().set_value(_recalibrate.absorb(self.get_raw_value(), value),
+                      **kwargs)
+
+
+def _path_name(path) -> str:
+  return "/".join(map(str, path)) or "<model>"
+
+
+def _batch_norms(model) -> list[tuple[str, BatchNorm]]:
+  """The model's jbn BatchNorms by path; raises for Flax's or for none."""
+  found, foreign = [], []
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, BatchNorm):
+      found.append((_path_name(path), module))
+    elif isinstance(module, nnx.BatchNorm):
+      foreign.append(_path_name(path))
+  if foreign:
+    raise ValueError(
+        f"recalibrate cannot compute the statistics of flax.nnx.BatchNorm "
+        f"layers {sorted(foreign)}, and leaving them stale would give a "
+        f"half-recalibrated model: use jbn.nnx.BatchNorm there (same "
+        f"variables, a drop-in).")
+  if not found:
+    raise ValueError(
+        f"the model holds no jbn.nnx.BatchNorm (got a "
+        f"{type(model).__name__}): there are no running statistics to "
+        f"recalibrate.")
+  return found
+
+
+def recalibrate(model: nnx.Module, batches, *,
+                estimator: str = "pooled") -> None:
+  r"""Replaces the running statistics of ``model``'s BatchNorms, in place.
+
+  The NNX counterpart of :func:`jbn.recalibrate` (PreciseBN): calls
+  ``model(batch)`` on every batch with every :class:`jbn.nnx.BatchNorm` in
+  training mode (the rest of the model keeps its mode: call
+  ``model.train()`` first for dropout during the pass), under one
+  ``nnx.jit`` (compiled once per batch shape), and writes into each layer's
+  ``mean`` and ``var`` the statistics of the inputs it saw:
+
+  * ``"pooled"``: the exact mean and biased variance of every valid value
+    (count-weighted over batches);
+  * ``"batch_mean"``: the same mean and the count-weighted mean of the
+    per-call biased variances (the limit of the EMA).
+
+  See :func:`jbn.recalibrate` for the maths and why PyTorch's ``update_bn``
+  differs. Each layer's ``use_running_average`` is restored afterwards, the
+  :class:`BatchMoments` the pass adds are deleted (the model's state tree is
+  unchanged), the EMA updates made during the pass are overwritten, and
+  parameters are untouched. Masks the model gives its BatchNorms are
+  respected; a layer called several times merges all its calls; a feature
+  that saw no valid value keeps its statistics; a warm-start ``count``
+  becomes saturated where values were seen. If the pass fails, the model is
+  left as it was. Batches sharded over devices work under the plain
+  ``nnx.jit`` (the reductions are global).
+
+  Args:
+    model: an ``nnx.Module`` holding :class:`jbn.nnx.BatchNorm` layers. It
+      is called as ``model(batch)``: for a model that takes several inputs,
+      pass batches it can unpack, or wrap it in a small ``nnx.Module`` (the
+      wrapper shares the layers, so they are updated).
+    batches: an iterable of batches (arrays or pytrees).
+    estimator: ``"pooled"`` or ``"batch_mean"``.
+
+  Raises:
+    ValueError: for an unknown ``estimator``, a model without
+      :class:`jbn.nnx.BatchNorm`, one holding ``flax.nnx.BatchNorm`` layers
+      (their statistics would stay stale: use :class:`jbn.nnx.BatchNorm`),
+      no batches, or a layer not run in training mode by ``model(batch)``
+      (e.g. its caller passes ``use_running_average=True``).
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from flax import nnx
+    >>> import jbn.nnx
+    >>> bn = jbn.nnx.BatchNorm(1, use_running_average=True,
+    ...                        rngs=nnx.Rngs(0))
+    >>> batches = [jnp.array([[1.], [2.], [3.]]),
+    ...            jnp.array([[10.], [11.], [12.], [13.], [14.]])]
+    >>> jbn.nnx.recalibrate(bn, batches)
+    >>> np.asarray(bn.mean[...], np.float64).round(4)
+    array([8.25])
+    >>> np.asarray(bn.var[...], np.float64).round(4)
+    array([24.9375])
+    >>> bn.use_running_average  # restored
+    True
+  """
+  _recalibrate.check_estimator(estimator)
+  layers = _batch_norms(model)
+  first, rest = _recalibrate.first_and_rest(batches)
+  saved = [(layer, layer.use_running_average,
+            {k: getattr(layer, k)[...] for k in ("mean", "var", "count")
+             if getattr(layer, k) is not None}) for _, layer in layers]
+  written = set()  # filled while tracing: the layers that reported
+
+  @nnx.jit
+  def step(model, batch):
+    inner = [(name, getattr(layer, _flax.MOMENTS))
+             for name, layer in _batch_norms(model)]
+    before = [v.get_raw_value() for _, v in inner]
+    model(batch)
+    written.update(name for (name, v), b in zip(inner, before)
+                   if v.get_raw_value() is not b)
+
+  @jax.jit
+  def finish(rows, old):
+    return [_recalibrate.finalize(Moments(*r[:4]), r[4], o, estimator)
+            for r, o in zip(rows, old)]
+
+  done = False
+  try:
+    for _, layer in layers:
+      layer.use_running_average = False
+      setattr(layer, _flax.MOMENTS, BatchMoments.empty(layer.mean.shape))
+    step(model, first)
+    silent = sorted(name for name, _ in layers if name not in written)
+    if silent:
+      raise ValueError(
+          f"jbn.nnx.BatchNorm layers {silent} did not run in training mode "
+          f"during model(batch), so their statistics cannot be "
+          f"recalibrated: they were not called, or their caller passes "
+          f"use_running_average=True to them.")
+    for batch in rest:
+      step(model, batch)
+    rows = [getattr(layer, _flax.MOMENTS)[...] for _, layer in layers]
+    new = finish(rows, [old for _, _, old in saved])
+    for (_, layer), stats in zip(layers, new):
+      for key, value in stats.items():
+        getattr(layer, key)[...] = value
+    done = True
+  finally:
+    for layer, mode, old in saved:
+      layer.use_running_average = mode
+      if hasattr(layer, _flax.MOMENTS):
+        delattr(layer, _flax.MOMENTS)
+      if not done:
+        for key, value in old.items():
+          getattr(layer, key)[...] = value
