@@ -218,7 +218,7 @@ def _names(axis_name) -> tuple:
       axis_name,)
 
 
-def _mesh(batch, axis_name):
+def mesh_of(batch, axis_name=None):
   """The mesh of the batch's ``NamedSharding`` (None if it has none).
 
   With ``axis_name``, the mesh must exist and have that axis.
@@ -411,7 +411,7 @@ def recalibrate(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
         "with 'mean' and 'var'): pass the model's full variables, e.g. "
         "{'params': ..., 'batch_stats': ...}.")
   first, rest = first_and_rest(batches)
-  mesh = _mesh(first, axis_name)
+  mesh = mesh_of(first, axis_name)
   batch_mean = estimator == "batch_mean"
 
   def local_step(variables, acc, within, batch):

@@ -293,7 +293,11 @@ class BatchNorm(nnx.Module):
 # --------------------------------------------------------------------------
 # Recalibration (PreciseBN)
 
-from jbn import _recalibrate  # noqa: E402  (appended section; see below)
+# Imported here because recalibration was appended to this module.
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec  # noqa: E402
+
+from jbn import _recalibrate  # noqa: E402
 from jbn._moments import Moments  # noqa: E402
 
 
@@ -309,8 +313,9 @@ class BatchMoments(nnx.Variable):
   """
 
   @classmethod
-  def empty(cls, feature_shape) -> "BatchMoments":
-    return cls(jnp.zeros((5, *feature_shape), jnp.float32))
+  def empty(cls, feature_shape, sharding=None) -> "BatchMoments":
+    value = jnp.zeros((5, *feature_shape), jnp.float32)
+    return cls(value if sharding is None else jax.device_put(value, sharding))
 
   def set_value(self, value, **kwargs):
     super().set_value(_recalibrate.absorb(self.get_raw_value(), value),
@@ -319,6 +324,22 @@ class BatchMoments(nnx.Variable):
 
 def _path_name(path) -> str:
   return "/".join(map(str, path)) or "<model>"
+
+
+def _replicate(model, mesh) -> NamedSharding | None:
+  """Lays the model's arrays that are on no mesh out on ``mesh``, replicated.
+
+  That is where the jitted step, given batches sharded over ``mesh``, leaves
+  them: laying them out first saves a second compilation. Returns the
+  replicated sharding (None without a mesh).
+  """
+  if mesh is None:
+    return None
+  replicated = NamedSharding(mesh, PartitionSpec())
+  nnx.update(model, jax.tree.map(
+      lambda a: a if isinstance(getattr(a, "sharding", None), NamedSharding)
+      else jax.device_put(a, replicated), nnx.state(model)))
+  return replicated
 
 
 def _batch_norms(model) -> list[tuple[str, BatchNorm]]:
@@ -367,8 +388,10 @@ def recalibrate(model: nnx.Module, batches, *,
   respected; a layer called several times merges all its calls; a feature
   that saw no valid value keeps its statistics; a warm-start ``count``
   becomes saturated where values were seen. If the pass fails, the model is
-  left as it was. Batches sharded over devices work under the plain
-  ``nnx.jit`` (the reductions are global).
+  left as it was (up to the layout below). Batches may be arrays sharded
+  over a mesh: the reductions of the plain ``nnx.jit`` are then global, and
+  the model's arrays that are on no mesh are first replicated over it (where
+  the step would leave them; this way it compiles once).
 
   Args:
     model: an ``nnx.Module`` holding :class:`jbn.nnx.BatchNorm` layers. It
@@ -425,9 +448,11 @@ def recalibrate(model: nnx.Module, batches, *,
 
   done = False
   try:
+    replicated = _replicate(model, _recalibrate.mesh_of(first))
     for _, layer in layers:
       layer.use_running_average = False
-      setattr(layer, _flax.MOMENTS, BatchMoments.empty(layer.mean.shape))
+      setattr(layer, _flax.MOMENTS,
+              BatchMoments.empty(layer.mean.shape, replicated))
     step(model, first)
     silent = sorted(name for name, _ in layers if name not in written)
     if silent:

@@ -456,6 +456,19 @@ def test_nnx_matches_float64_reference_in_place(caplog, estimator):
                nnx.state(model, nnx.Param), params)
 
 
+def test_nnx_sharded_batches_compile_once(mesh, caplog):
+  model = NnxNet(nnx.Rngs(0))
+  batches = _masked_batches()
+  with _compiles(caplog) as compiled:
+    jbn.nnx.recalibrate(model, _sharded(batches, mesh))
+  assert compiled.count("step") == 1  # regression: the state's layout moved
+  want = _net_reference(_as_linen(model), batches, "pooled")
+  for name, layer in (("BatchNorm_0", model.bn0), ("BatchNorm_1", model.bn1)):
+    np.testing.assert_allclose(layer.mean[...], want[name]["mean"], **TOL)
+    np.testing.assert_allclose(layer.var[...], want[name]["var"], **TOL)
+  assert model.dense.kernel[...].sharding.is_fully_replicated
+
+
 def test_nnx_shared_layer_and_warm_start():
   class Twice(nnx.Module):
     def __init__(self):
