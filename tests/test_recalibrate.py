@@ -21,6 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 from flax import serialization
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -232,6 +236,41 @@ def test_shared_layer_merges_all_calls(estimator):
   calls = [v for b in x for v in (b, 2 * b + 1)]  # each call is a batch
   _assert_stats(stats, {"BatchNorm_0": dict(zip(
       ("mean", "var"), _estimate(calls, estimator)))})
+
+
+@functools.lru_cache(maxsize=None)
+def _one_bn_variables(features):
+  return _init(OneBN(), np.zeros((2, features), np.float32))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_any_batch_counts_match_float64(data):
+  """Batches holding 0 to 8 valid rows: the float64 statistics, in float32.
+
+  Batches of one shape (one compile per example); the mask sets how many
+  values each holds, as a short or padded batch would.
+  """
+  offset = data.draw(st.sampled_from([0., 100., -3e3]), "offset")
+  scale = data.draw(st.sampled_from([1e-2, 1., 30.]), "scale")
+  fill = data.draw(st.lists(st.floats(0, 1), min_size=3, max_size=3), "fill")
+  estimator = data.draw(st.sampled_from(ESTIMATORS), "estimator")
+  rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16), "seed"))
+  x = (offset + scale * rng.normal(size=(3, 8, 2))).astype(np.float32)
+  keep = rng.random((3, 8)) < np.array(fill)[:, None]
+  keep[rng.integers(3), rng.integers(8)] = True
+  batches = list(zip(x, keep))
+  stats = jbn.recalibrate(
+      lambda v, b, **kw: OneBN().apply(v, b[0], b[1][:, None], **kw),
+      _one_bn_variables(2), batches, estimator=estimator,
+      apply_kwargs=TRAIN)
+  mean, var = _estimate([b[m] for b, m in batches], estimator)
+  ulp = np.spacing(np.float32(abs(offset) + 4 * scale))
+  np.testing.assert_allclose(stats["BatchNorm_0"]["mean"], mean, rtol=0,
+                             atol=4 * ulp)
+  np.testing.assert_allclose(stats["BatchNorm_0"]["var"], var, rtol=2e-5,
+                             atol=4 * ulp * (ulp + scale))
 
 
 def test_params_untouched_and_ema_writes_discarded():
