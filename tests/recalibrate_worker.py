@@ -15,7 +15,13 @@ import time
 from typing import Any
 
 import flax.linen as nn
+import jax
+import numpy as np
+from flax import serialization
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import jbn
 import jbn.linen
 
 
@@ -45,14 +51,6 @@ def apply_fn(model):
 
 def main(address: str, process_id: int, data: str, out: str) -> None:
   start = time.perf_counter()
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import serialization  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-
-  import jbn  # pylint: disable=g-import-not-at-top
-
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(address, num_processes=2, process_id=process_id)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
@@ -66,7 +64,7 @@ def main(address: str, process_id: int, data: str, out: str) -> None:
       {k: jax.make_array_from_process_local_data(sharding, arrays[k][b, rows])
        for k in ("x", "mask")} for b in range(arrays["x"].shape[0])]
   results = {}
-  for estimator in jbn._recalibrate.ESTIMATORS:  # pylint: disable=protected-access
+  for estimator in ("pooled", "batch_mean"):
     stats = jbn.recalibrate(apply_fn(Net(axis_name="batch")), variables,
                             batches, estimator=estimator,
                             apply_kwargs={"train": True}, axis_name="batch")
