@@ -22,7 +22,7 @@ The running variance is copied as it is both ways: evaluation uses it
 unchanged in both frameworks, so the outputs agree exactly. (Training on
 mixes PyTorch's unbiased running variance with jbn's biased batch
 variances, a relative difference of 1/(n-1) per step with n = batch x H x W
-values per channel, here at most 1/(16 * 8 * 8 - 1) = 1e-3; see
+values per channel, here at most 1/(32 * 8 * 8 - 1) = 5e-4; see
 :func:`jbn.interop.var_from_torch` for the exact conversion.)
 
 Architecture details that must match, and do here: Flax's ``'SAME'`` padding

@@ -1,27 +1,23 @@
-r"""Batch norm checkpoints in and out of PyTorch and Keras, exact to the conventions.
+r"""Batch norm checkpoints to and from PyTorch and Keras, conventions exact.
 
 ``import jbn.interop`` imports neither PyTorch nor Keras: tensors and layers
 are read by duck typing, and ``torch`` is imported only by the functions that
 build PyTorch tensors (:func:`to_torch_batch_norm`, :func:`flax_to_torch`).
 
-Conventions, and what each converter does about them:
+Conventions (jbn and Flax / PyTorch / Keras 3):
 
-============================  ==========================  ========================  ==============================
-                              jbn / Flax                  PyTorch                   Keras 3
-============================  ==========================  ========================  ==============================
-momentum                      decay kept on the old value ``p`` given to the batch  as jbn (default 0.99)
-                              (default 0.99)              (``momentum=0.1``):       
-                                                          jbn ``1 - p``             
-``momentum=None`` (PyTorch)   no counter: pass            cumulative average,       -
-                              ``T / (T + 1)`` each step   factor ``1 / T``          
-epsilon                       1e-5, not in the state      1e-5, not in the state    1e-3, not in the weights
-running variance              biased batch variance       *unbiased* (n / (n - 1))  biased
-``num_batches_tracked``       -                           a buffer, read only when  -
-                                                          ``momentum=None``         
-names                         ``scale, bias / mean, var`` ``weight, bias /          ``gamma, beta / moving_mean,
-                                                          running_mean,             moving_variance``
-                                                          running_var``             
-============================  ==========================  ========================  ==============================
+* **momentum**: the decay kept on the old value, default 0.99 / the weight
+  ``p`` of the new batch, default 0.1, so jbn's ``1 - p`` / as jbn.
+  PyTorch's ``momentum=None`` is a cumulative average (factor ``1 / T``):
+  jbn keeps no counter but takes ``momentum=T / (T + 1)`` step by step.
+  See :func:`momentum_from_torch`, :func:`momentum_to_torch`.
+* **epsilon**: 1e-5 / 1e-5 / 1e-3, and no checkpoint stores it.
+* **running variance**: biased / *unbiased* (``n / (n - 1)``) / biased.
+* **num_batches_tracked**: PyTorch only, a buffer it reads only with
+  ``momentum=None``.
+* **names**: ``scale, bias`` + ``mean, var`` / ``weight, bias`` +
+  ``running_mean, running_var`` / ``gamma, beta`` + ``moving_mean,
+  moving_variance``.
 
 Epsilon is never dropped: no checkpoint format stores it, so every converter
 that reads weights returns the epsilon it was given or read from the layer
@@ -97,7 +93,8 @@ def momentum_from_torch(torch_momentum: float | None, *,
   PyTorch updates ``running = (1 - p) * running + p * batch``; jbn (like Flax
   and Keras) ``running = m * running + (1 - m) * batch``, so :math:`m = 1 - p`
   (PyTorch's default ``0.1`` is ``0.9`` here). The complement is taken on the
-  decimal value you wrote, so ``0.1`` gives ``0.9``, not ``0.8999...``.
+  decimal value you wrote (``1 - 0.9`` gives ``0.1``, not
+  ``0.09999999999999998``), so the round trip gives back what you wrote.
 
   ``torch_momentum=None`` is PyTorch's cumulative average: the step that
   brings the count to :math:`T + 1` uses the factor :math:`1 / (T + 1)`, so
@@ -106,8 +103,8 @@ def momentum_from_torch(torch_momentum: float | None, *,
   ``momentum``: passing :math:`T / (T + 1)` at each step, with your own count
   :math:`T` of the batches already averaged (PyTorch's
   ``num_batches_tracked``), reproduces the cumulative average. That value
-  changes every step, so the Flax wrappers, whose ``momentum`` is a fixed
-  field, cannot follow it (each new value would be a new module).
+  changes every step: with the Flax wrappers, where ``momentum`` is a module
+  field, the model has to pass it to its layers itself.
 
   Args:
     torch_momentum: PyTorch's ``momentum``, in [0, 1], or None.
@@ -326,8 +323,10 @@ def from_torch_batch_norm(source: Any, *, epsilon: float | None = None
     >>> x = torch.ones(1, 2, 1, 1)
     >>> y, _ = jbn.batch_norm(w.params, w.state, x.numpy(), train=False,
     ...                       axis=1, epsilon=w.epsilon)
-    >>> y.ravel().round(4), bn.eval()(x).detach().ravel().numpy().round(4)
-    (Array([0.4999, 0.4999], dtype=float32), array([0.4999, 0.4999], dtype=float32))
+    >>> y.ravel().round(4)
+    Array([0.4999, 0.4999], dtype=float32)
+    >>> bn.eval()(x).detach().ravel().numpy().round(4)
+    array([0.4999, 0.4999], dtype=float32)
   """
   if _is_torch_module(source):
     eps = float(source.eps)
@@ -716,12 +715,15 @@ def flax_to_torch(variables: Mapping[str, Any], name_map: NameMap,
   for prefix, group in groups.items():
     path = mapper(prefix)
     is_bn = "running_mean" in group or "running_var" in group
+    rules = {name: _flax_leaf_for(_key(prefix, name), name, ref, is_bn)
+             for name, ref in group.items()
+             if not (is_bn and name == "num_batches_tracked")}
     for name, ref in group.items():
       key = _key(prefix, name)
-      if is_bn and name == "num_batches_tracked":
+      if name not in rules:
         out[key] = torch.tensor(count, dtype=ref.dtype)
         continue
-      collection, leaf, to_torch = _flax_leaf_for(key, name, ref, is_bn)
+      collection, leaf, to_torch = rules[name]
       full = (collection,) + path + (leaf,)
       if full not in flat:
         raise ValueError(
@@ -756,14 +758,19 @@ def _is_keras_layer(x) -> bool:
 
 
 def _to_numpy(x) -> np.ndarray:
-  """A NumPy copy-free view of a tensor, array or Keras variable."""
+  """A NumPy *copy* of a tensor, array or Keras variable.
+
+  Never a view: ``Tensor.numpy()`` shares the tensor's memory and
+  ``jnp.asarray`` may keep sharing it on CPU, so a PyTorch layer training on
+  in place would otherwise change the converted jbn state under our feet.
+  """
   if hasattr(x, "detach"):  # torch.Tensor
     x = x.detach().cpu()
     try:
-      return x.numpy()
+      return x.numpy().copy()
     except TypeError:  # bfloat16 has no NumPy dtype in torch
       return x.float().numpy()
-  return np.asarray(x)
+  return np.asarray(x).copy()
 
 
 def _to_tensor(x: np.ndarray, torch):
@@ -778,11 +785,18 @@ def _complement(x: float) -> float:
   return float(1 - decimal.Decimal(repr(float(x))))
 
 
-def _unit_interval(value, name: str, meaning: str) -> float:
+def _number(value) -> float:
+  """``float(value)`` for a real number (not a string), else NaN."""
+  if isinstance(value, (str, bytes)):
+    return math.nan
   try:
-    v = float(value)
+    return float(value)
   except (TypeError, ValueError):
-    v = math.nan
+    return math.nan
+
+
+def _unit_interval(value, name: str, meaning: str) -> float:
+  v = _number(value)
   if not 0.0 <= v <= 1.0:
     raise ValueError(f"{name}={value!r} must be a number in [0, 1]: {meaning}.")
   return v
@@ -800,10 +814,7 @@ def _count(value, name: str) -> int:
 
 
 def _epsilon(value) -> float:
-  try:
-    eps = float(value)
-  except (TypeError, ValueError):
-    eps = math.nan
+  eps = _number(value)
   if not eps > 0:
     raise ValueError(f"epsilon={value!r} must be a number > 0.")
   return eps
