@@ -78,6 +78,15 @@ def write_metrics(workdir: str, history: list[dict[str, Any]]) -> None:
                "".join(json.dumps(r) + "\n" for r in history).encode())
 
 
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The records of ``<workdir>/metrics.jsonl`` ([] if there is none)."""
+  path = os.path.join(workdir, METRICS)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def append_metrics(workdir: str, record: dict[str, Any]) -> None:
   """Adds one epoch's line to ``<workdir>/metrics.jsonl``. (A line cut by
   a kill is rewritten from the checkpoint on resume.)"""
