@@ -9,11 +9,15 @@ every device.
 
 Several processes (``jax.distributed``; gloo collectives on CPU): each
 process feeds its share of every global batch. When one process dies, the
-others stop within seconds instead of waiting for JAX's shutdown barrier:
-a collective that fails is reported, naming the lost process, and the
-process exits at once (status 4); a process that is silent for
-``--heartbeat-timeout`` seconds is declared dead by JAX's coordination
-service, which then terminates the others.
+others stop at once instead of waiting ~100 s for JAX's heartbeat and
+shutdown barrier: the collective that fails is reported, naming the lost
+process, and the process exits (status 4, :func:`exit_if_a_process_is_lost`).
+A process that is not in a collective but waits in a coordination-service
+barrier (Orbax does, while it writes a checkpoint) is terminated by JAX's
+coordination client itself (SIGABRT, with JAX's "Terminating process
+because the JAX distributed service detected fatal errors" message): at
+once if process 0 (which runs the service) died, after
+``--heartbeat-timeout`` seconds (default 10) otherwise.
 """
 
 from __future__ import annotations

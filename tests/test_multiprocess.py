@@ -79,12 +79,17 @@ def test_two_processes_end_with_identical_parameters(tmp_path):
 
 @pytest.mark.parametrize("victim", [1, 0])
 def test_when_a_process_dies_the_other_stops_and_names_it(tmp_path, victim):
-  """kill -9 one process mid-training: the survivor exits non-zero within
-  30 s (in practice well under a second) with a message naming the lost
-  process, and the checkpoints stay usable."""
+  """kill -9 one process mid-training: the survivor exits with status 4
+  within 30 s (in practice well under a second) and a message naming the
+  lost process.
+
+  (No checkpoint is written during the test: a process that waits in an
+  Orbax checkpoint barrier when the other dies is terminated by JAX's
+  coordination client itself -- SIGABRT, JAX's message -- see parallel.py.)
+  """
   survivor = 1 - victim
   workdir = str(tmp_path / "run")
-  flags = [*FLAGS, "--epochs", "200", "--checkpoint-every", "0"]
+  flags = [*FLAGS, "--epochs", "200", "--checkpoint-every", "600"]
   procs = _start(workdir, flags, f"127.0.0.1:{helpers.free_port()}")
   try:
     lines = []
