@@ -112,7 +112,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--keep-freed-memory", action="store_true",
                  help="run with glibc told never to return freed memory to "
                       "the kernel (" + " ".join(
-                          f"{k}={v}" for k, v in timing.KEEP_FREED_MEMORY.items())
+                          f"{k}={v}"
+                          for k, v in timing.KEEP_FREED_MEMORY.items())
                       + "), so that fresh output buffers are recycled "
                       "instead of page-faulted in on every call")
   p.add_argument("--out", default=os.path.join("benchmarks", "RESULTS.md"),

@@ -33,7 +33,8 @@ from examples import errors
 
 CHECKPOINTS = "checkpoints"
 LEGACY = "checkpoint.msgpack"  # the format before Orbax
-UNFINISHED = ".orbax-checkpoint-tmp"  # in the name of a checkpoint being written
+# In the name of a checkpoint Orbax is still writing.
+UNFINISHED = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(errors.UsageError):

@@ -27,7 +27,8 @@ CHECKED = ("params", "batch_stats", "opt_state")
 def _float_leaves(state, group: str) -> Iterator[tuple[str, Any]]:
   for path, x in jax.tree_util.tree_leaves_with_path(getattr(state, group)):
     if jnp.issubdtype(x.dtype, jnp.inexact):
-      yield f"{group}/{jax.tree_util.keystr(path, simple=True, separator='/')}", x
+      name = jax.tree_util.keystr(path, simple=True, separator="/")
+      yield f"{group}/{name}", x
 
 
 def _leaf_ok(name: str, x) -> jax.Array:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -161,6 +162,14 @@ def batch_spec(mesh: jax.sharding.Mesh, shape, dtype) -> jax.ShapeDtypeStruct:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def process_0_says(flag: bool) -> bool:
+  """Process 0's ``flag``, on every process: for a decision that all must
+  take together (whether to write a checkpoint now)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.bool_(flag)))
 
 
 def to_host(tree):

@@ -270,10 +270,11 @@ class _Loop:
 def train_and_evaluate(config: configs.Config, workdir: str) -> TrainResult:
   """Trains ``config`` on all devices, evaluating and checkpointing each epoch.
 
-  Writes ``<workdir>/checkpoints/<epoch>`` (Orbax, every epoch, the last
-  ``config.keep_checkpoints`` kept), ``<workdir>/metrics.jsonl`` and, with
-  ``config.plot``, ``<workdir>/curves.png``. Only process 0 writes files
-  other than checkpoints, and prints.
+  Writes ``<workdir>/checkpoints/<epoch>`` (Orbax: the last epoch, and any
+  epoch ending ``config.checkpoint_every`` seconds after the last checkpoint;
+  the last ``config.keep_checkpoints`` kept), ``<workdir>/metrics.jsonl``
+  and, with ``config.plot``, ``<workdir>/curves.png``. Only process 0 writes
+  files other than checkpoints, and prints.
 
   Raises:
     CheckpointError: ``workdir`` already has a checkpoint and
@@ -369,14 +370,18 @@ def train_and_evaluate(config: configs.Config, workdir: str) -> TrainResult:
       record.update(evaluate(state, dataset, p_eval, mesh, eval_batch))
       record["epoch_seconds"] = time.perf_counter() - t0
       history.append(record)
-      if (epoch == last_epoch or time.perf_counter() - last_save
-          >= config.checkpoint_every):
+      # Every process must take this decision the same way: process 0's.
+      if epoch == last_epoch or parallel.process_0_says(
+          time.perf_counter() - last_save >= config.checkpoint_every):
         ckpts.save(epoch, state, rng, history, loop.bad_steps.skipped)
         loop.bad_steps.last_checkpoint = ckpts.path(epoch)
         last_save = time.perf_counter()
       if is_main:
         reporting.append_metrics(workdir, record)
       log(reporting.epoch_line(record, config.epochs))
+    # Post-training steps go here: each takes the final `state` and returns
+    # a new one (then checkpoint it with ckpts.save); the export uses the
+    # state returned below.
   except (errors.UsageError, errors.TrainingStopped):
     ckpts.close()  # let the checkpoint being written (a good one) finish
     raise

@@ -114,7 +114,8 @@ def test_existing_checkpoint_is_never_overwritten(finished):
 
 
 def test_resume_without_checkpoint(tmp_path):
-  with pytest.raises(checkpoint.CheckpointError, match="--resume: no checkpoint"):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="--resume: no checkpoint"):
     train.train_and_evaluate(dataclasses.replace(CONFIG, resume=True),
                              str(tmp_path))
   with pytest.raises(checkpoint.CheckpointError,

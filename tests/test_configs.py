@@ -13,7 +13,8 @@ from examples.configs import mnist as mnist_config
 
 def _flags(defaults):
   parser = configs.make_parser(defaults)
-  return {s for a in parser._actions for s in a.option_strings}  # pylint: disable=protected-access
+  actions = parser._actions  # pylint: disable=protected-access
+  return {s for a in actions for s in a.option_strings}
 
 
 def test_every_field_is_a_flag_or_says_why_not():

@@ -47,7 +47,8 @@ GROUPS = {
 }
 
 
-def option(default: Any, help: str, *, group: str,  # pylint: disable=redefined-builtin
+# pylint: disable-next=redefined-builtin
+def option(default: Any, help: str, *, group: str,
            run_only: bool = False, flag: str | None = None,
            model: str | None = None, choices: Sequence[str] | None = None,
            cli: bool = True) -> Any:
