@@ -3,6 +3,7 @@ environments, dataset files written in the real formats."""
 
 import dataclasses
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -43,6 +44,18 @@ def host_variables(result):
   """``{'params', 'batch_stats'}`` of a TrainResult, as NumPy arrays."""
   return parallel.to_host({"params": result.state.params,
                            "batch_stats": result.state.batch_stats})
+
+
+def snapshot(directory):
+  """Every file under ``directory`` with the SHA-256 of its bytes."""
+  out = {}
+  for d, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(d, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(
+            f.read()).hexdigest()
+  return out
 
 
 def stray_files(workdir):

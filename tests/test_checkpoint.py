@@ -5,7 +5,6 @@ the command line and for kill -9.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -33,18 +32,6 @@ from tests.helpers import ROOT, TINY, TINY_CONFIG
 
 # 2 epochs, a checkpoint after each, the settings of the TINY flags.
 CONFIG = dataclasses.replace(TINY_CONFIG, devices=1, warmup_epochs=0.2)
-
-
-def _snapshot(directory):
-  """Every file under ``directory`` with the SHA-256 of its bytes."""
-  out = {}
-  for d, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(d, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha256(
-            f.read()).hexdigest()
-  return out
 
 
 def _epochs(workdir):
@@ -96,21 +83,21 @@ def test_resume_equals_an_uninterrupted_run(finished, tmp_path):
 
 def test_resume_with_other_settings_is_refused(finished):
   workdir, _ = finished
-  before = _snapshot(workdir)
+  before = helpers.snapshot(workdir)
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"other settings \(learning_rate: 0.1 in the "
                      r"checkpoint, 0.2 now\)"):
     train.train_and_evaluate(
         dataclasses.replace(CONFIG, resume=True, learning_rate=0.2), workdir)
-  assert _snapshot(workdir) == before
+  assert helpers.snapshot(workdir) == before
 
 
 def test_existing_checkpoint_is_never_overwritten(finished):
   workdir, _ = finished
-  before = _snapshot(workdir)
+  before = helpers.snapshot(workdir)
   with pytest.raises(checkpoint.CheckpointError, match="exists: pass --resume"):
     mnist.main(TINY + ["--workdir", workdir])
-  assert _snapshot(workdir) == before
+  assert helpers.snapshot(workdir) == before
 
 
 def test_resume_without_checkpoint(tmp_path):
@@ -237,14 +224,15 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path,
   assert os.listdir(tmp_path) == ["metrics.jsonl"]
 
 
-def test_leftovers_of_a_kill_are_removed_on_resume(tmp_path):
-  workdir = str(tmp_path)
-  train.train_and_evaluate(dataclasses.replace(CONFIG, stop_after=1), workdir)
+def test_leftovers_of_a_kill_are_removed_on_resume(finished, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(finished[0], workdir)
   # What kill -9 can leave: a half-written checkpoint, an atomic write's
   # temporary file.
   os.makedirs(os.path.join(workdir, "checkpoints",
-                           "2.orbax-checkpoint-tmp-1234", "state"))
-  (tmp_path / ".metrics.jsonl.x1y2.tmp").write_text("{")
+                           "3.orbax-checkpoint-tmp-1234", "state"))
+  with open(os.path.join(workdir, ".metrics.jsonl.x1y2.tmp"), "w") as f:
+    f.write("{")
   assert len(helpers.stray_files(workdir)) == 2
   train.train_and_evaluate(dataclasses.replace(CONFIG, resume=True), workdir)
   assert helpers.stray_files(workdir) == []
