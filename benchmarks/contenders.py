@@ -6,7 +6,7 @@ The JAX contenders share one signature,
 ``apply(params, state, x, train, axis_name) -> (y, new_state)`` with
 ``params = {'scale', 'bias'}`` and ``state = {'mean', 'var'}`` (Flax's
 variables). A new contender (say, a new batch norm mode) is one more entry
-in ``APPLY`` and ``LABELS``.
+in ``APPLY`` and its column name in ``LABELS``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ N_DEVICES = 4  # forced CPU devices for the axis-name rows
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 WORKS = ("fwd+bwd", "train fwd", "eval")
 PASSES = {"train fwd": 3, "fwd+bwd": 8, "eval": 2}
-JAX_CONTENDERS = ("jbn", "flax", "flax-sv")
-CONTENDERS = JAX_CONTENDERS + ("torch",)
+# Column names in the report.
 LABELS = {"jbn": "jbn", "flax": "flax", "flax-sv": "flax slow-var",
           "torch": "torch"}
 AXIS = "batch"
@@ -55,11 +54,14 @@ def flax_apply(params, state, x, train, axis_name, *, use_fast_variance):
   return bn.apply(variables, x, use_running_average=True), state
 
 
+# The JAX contenders, in report order (a new one: an entry here and in LABELS).
 APPLY = {
     "jbn": jbn_apply,
     "flax": functools.partial(flax_apply, use_fast_variance=True),
     "flax-sv": functools.partial(flax_apply, use_fast_variance=False),
 }
+JAX_CONTENDERS = tuple(APPLY)
+CONTENDERS = JAX_CONTENDERS + ("torch",)
 
 
 def work_fn(apply: Callable, work: str, axis_name: str | None) -> Callable:
