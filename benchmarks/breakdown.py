@@ -16,7 +16,7 @@ step and the whole of it:
 ``fwd+bwd`` program shows what running them together costs. The script runs
 the measurement twice, each in a fresh process: once in the environment as
 given, and once with glibc told never to return freed memory to the kernel
-(``bench.KEEP_FREED_MEMORY``). The difference is the price of page-faulting
+(``timing.KEEP_FREED_MEMORY``). The difference is the price of page-faulting
 fresh output buffers, which depends on the allocator's history, not on the
 formulation of batch norm; the page faults per call are counted too.
 
@@ -30,17 +30,21 @@ Results go to stdout and to ``--out`` (default ``benchmarks/BREAKDOWN.md``).
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=wrong-import-position
+from benchmarks import cli  # noqa: E402
+from benchmarks import contenders  # noqa: E402
+from benchmarks import timing  # noqa: E402
 
 PIECES = ("x*c", "sum", "stats", "fwd", "bwd", "fwd+bwd", "flax fwd+bwd")
 DEFAULT_SHAPES = "64x32x32x64,1024x4096"
@@ -50,15 +54,14 @@ def measure(shape: tuple[int, ...], dtype_name: str, reps: int,
             warmup: int) -> dict[str, float]:
   """Median ms of each piece, interleaved (this process's environment), and
   ``'faults <piece>'``: the mean minor page faults per call."""
+  # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp
 
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import bench  # the same timing loop and contenders as the benchmark
   from jbn import _functional
   from jbn import _moments
 
-  dtype = bench.DTYPES[dtype_name]
+  dtype = contenders.DTYPES[dtype_name]
   c = shape[-1]
   red = tuple(range(len(shape) - 1))
   kx, kd = jax.random.split(jax.random.key(0))
@@ -72,8 +75,8 @@ def measure(shape: tuple[int, ...], dtype_name: str, reps: int,
   # jbn.batch_norm makes them, so that "bwd" is jbn's own backward.
   # pylint: disable=protected-access
   cfg = _functional._validate(
-      params, state, x, True, axis=-1, momentum=bench.MOMENTUM,
-      epsilon=bench.EPSILON, axis_name=None, axis_index_groups=None,
+      params, state, x, True, axis=-1, momentum=contenders.MOMENTUM,
+      epsilon=contenders.EPSILON, axis_name=None, axis_index_groups=None,
       mask=None, dtype=None, sync="psum")[0]
 
   def stats(x):
@@ -98,22 +101,25 @@ def measure(shape: tuple[int, ...], dtype_name: str, reps: int,
       "x*c": (lambda x: x * jnp.asarray(1.5, x.dtype), (x,)),
       "sum": (lambda x: jnp.sum(x.astype(jnp.float32), red), (x,)),
       "stats": (stats, (x,)),
-      "fwd": (lambda p, x: bench.jbn_apply(p, state, x, True, None),
+      "fwd": (lambda p, x: contenders.jbn_apply(p, state, x, True, None),
               (params, x)),
       "bwd": (bwd, (residuals, dy)),
-      "fwd+bwd": (fwd_bwd(bench.jbn_apply), (params, x, dy)),
-      "flax fwd+bwd": (fwd_bwd(bench.APPLY["flax"]), (params, x, dy)),
+      "fwd+bwd": (fwd_bwd(contenders.jbn_apply), (params, x, dy)),
+      "flax fwd+bwd": (fwd_bwd(contenders.APPLY["flax"]), (params, x, dy)),
   }
-  thunks = {name: bench.jax_thunk(jax.jit(f).lower(*args).compile(), args)
+  thunks = {name: timing.jax_thunk(jax.jit(f).lower(*args).compile(), args)
             for name, (f, args) in programs.items()}
-  timings = bench.run_round_robin(
-      thunks, bench.Reps(fixed=reps, warmup=warmup))
+  timings = timing.run_round_robin(
+      thunks, timing.Reps(fixed=reps, warmup=warmup))
   out = {name: s * 1e3 for name, s in timings.medians.items()}
   out.update({f"faults {name}": n for name, n in timings.faults.items()})
   return out
 
 
 def child_main(args) -> int:
+  if "JAX_PLATFORMS" not in os.environ:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_platforms", "cpu")
   out = {}
   for shape in args.shapes:
     for dtype_name in args.dtypes:
@@ -172,11 +178,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  help="Markdown file to write (default benchmarks/BREAKDOWN.md)")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import bench  # pylint: disable=import-outside-toplevel
   try:
-    args.shapes = bench.parse_shapes(args.shapes)
-    args.dtypes = bench.parse_dtypes(args.dtypes)
+    args.shapes = cli.parse_shapes(args.shapes)
+    args.dtypes = cli.parse_dtypes(args.dtypes)
   except argparse.ArgumentTypeError as e:
     p.error(str(e))
   if args.reps < 1 or args.warmup < 0:
@@ -192,8 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print("breakdown: environment as given", file=sys.stderr, flush=True)
   default = run_child(argv, {})
   print("breakdown: glibc keeping freed memory", file=sys.stderr, flush=True)
-  import bench  # pylint: disable=import-outside-toplevel
-  kept = run_child(argv, bench.KEEP_FREED_MEMORY)
+  kept = run_child(argv, timing.KEEP_FREED_MEMORY)
   when = datetime.datetime.now(datetime.timezone.utc)
   text = "\n".join([
       "# Where jbn's forward + backward time goes",
@@ -203,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"- Median ms of {args.reps} interleaved repetitions per piece, after "
       f"{args.warmup} warm-up rounds. `malloc`: the environment as given, or "
       "a fresh process with " + ", ".join(
-          f"`{k}={v}`" for k, v in bench.KEEP_FREED_MEMORY.items())
+          f"`{k}={v}`" for k, v in timing.KEEP_FREED_MEMORY.items())
       + " (glibc then recycles freed buffers instead of returning them to "
       "the kernel and page-faulting them in again on the next call). "
       "`faults/call`: mean minor page faults per call (all threads).",

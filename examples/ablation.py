@@ -6,7 +6,8 @@ Trains the MNIST example's MLP (Dense -> BN -> relu) and the same MLP
 without batch norm (Dense with bias -> relu; same initialization scheme,
 optimizer, schedule and data order) at each learning rate, then prints a
 table of the first epoch reaching the target test accuracy and the final
-test accuracy, and writes ``<workdir>/ablation.png`` (test accuracy per
+test accuracy ("diverged" where the trainer stopped on a non-finite loss),
+and writes ``<workdir>/ablation.png`` (test accuracy per
 epoch) and ``<workdir>/ablation.json``.
 """
 
@@ -23,7 +24,9 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # run as a script: make `examples` importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from examples import errors  # noqa: E402
 from examples import mnist  # noqa: E402
+from examples import reporting  # noqa: E402
 from examples import train  # noqa: E402
 
 
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                       help="default: a new runs/ablation-<time>")
   args = parser.parse_args(argv)
   lrs = [float(x) for x in args.learning_rates.split(",")]
-  workdir = args.workdir or train.default_workdir("ablation")
+  workdir = args.workdir or reporting.default_workdir("ablation")
 
   rows = []
   for use_bn in (True, False):
@@ -112,15 +115,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
           hidden=tuple(int(w) for w in args.hidden.split(",")),
           progress=False, quiet=True)
       run_dir = os.path.join(workdir, f"{'bn' if use_bn else 'nobn'}-lr{lr:g}")
-      history = train.train_and_evaluate(config, run_dir).history
+      try:
+        history = train.train_and_evaluate(config, run_dir).history
+        diverged = False
+      except errors.TrainingStopped:  # the loss went non-finite: diverged
+        history, diverged = reporting.read_metrics(run_dir), True
+      last = history[-1] if history else {}
       rows.append({
           "use_bn": use_bn, "learning_rate": lr,
           "epochs_to_target": epochs_to(history, args.target),
-          "final_accuracy": history[-1]["test_accuracy"],
-          "final_loss": history[-1]["test_loss"],
+          "final_accuracy": last.get("test_accuracy", math.nan),
+          "final_loss": math.nan if diverged else last["test_loss"],
           "history": history})
-      print(f"{'BN   ' if use_bn else 'no BN'} lr {lr:<6g} final test "
-            f"accuracy {100 * rows[-1]['final_accuracy']:.2f}%", flush=True)
+      result = (f"diverged in epoch {len(history) + 1}" if diverged else
+                f"final test accuracy {100 * last['test_accuracy']:.2f}%")
+      print(f"{'BN   ' if use_bn else 'no BN'} lr {lr:<6g} {result}",
+            flush=True)
 
   print(f"\ndigits, MLP {args.hidden}, {args.epochs} epochs, batch "
         f"{args.batch_size}, SGD + warmup/cosine, seed {args.seed}:\n")

@@ -11,8 +11,9 @@ Every loader returns a :class:`Dataset`: float32 images in ``[0, 1]`` of shape
   ``cifar-10-batches-py`` directory or the ``cifar-10-python.tar.gz`` archive.
 * :func:`synthetic_images`: class-dependent random images, for smoke tests.
 
-This module imports neither Flax nor jbn nor any model code:
-``predict.py`` uses it to evaluate an exported model on its own.
+:func:`load_dataset` picks one from a training config. This module imports
+neither JAX, Flax nor jbn nor any model code: ``predict.py`` uses it to
+evaluate an exported model on its own.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import tarfile
 from collections.abc import Iterator
 
 import numpy as np
+
+from examples import errors
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -82,8 +85,36 @@ class Dataset:
     return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
 
-class DataError(RuntimeError):
+class DataError(errors.UsageError):
   """Dataset files are missing or not in the expected format."""
+
+
+def load_dataset(config) -> Dataset:
+  """The dataset named by ``config.dataset``, from local files only.
+
+  Reads ``config.dataset``, ``config.data_dir`` and, for ``synthetic``,
+  ``config.synthetic_size`` and ``config.seed``.
+
+  Raises:
+    DataError: an unknown name, no ``data_dir`` where files are needed, or
+      files missing or malformed.
+  """
+  if config.dataset == "digits":
+    return load_digits(seed=0)
+  if config.dataset == "synthetic":
+    train_size, test_size = config.synthetic_size
+    return synthetic_images(train_size=train_size, test_size=test_size,
+                            seed=config.seed)
+  if config.dataset not in ("mnist", "fashion_mnist", "cifar10"):
+    raise DataError(f"unknown dataset {config.dataset!r}; expected digits, "
+                    f"mnist, fashion_mnist, cifar10 or synthetic.")
+  if config.data_dir is None:
+    raise DataError(
+        f"dataset {config.dataset!r} is read from local files: pass "
+        f"--data-dir. Nothing is ever downloaded.")
+  if config.dataset == "cifar10":
+    return load_cifar10(config.data_dir)
+  return load_idx(config.data_dir, name=config.dataset)
 
 
 def _dataset(name, train_x, train_y, test_x, test_y, num_classes,

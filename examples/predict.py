@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from examples import data as data_lib  # noqa: E402
+from examples import errors  # noqa: E402
 
 _BY_SHAPE = {(8, 8, 1): "digits", (28, 28, 1): "mnist", (32, 32, 3): "cifar10"}
 
@@ -36,11 +37,12 @@ def load_model(path: str) -> jax.export.Exported:
     with open(path, "rb") as f:
       return jax.export.deserialize(bytearray(f.read()))
   except OSError as e:
-    raise ValueError(f"cannot read --model {path}: {e.strerror}. It is the "
-                     f"model.jax an example run writes in its --workdir.") from e
+    raise errors.UsageError(
+        f"cannot read --model {path}: {e.strerror}. It is the model.jax an "
+        f"example run writes in its --workdir.") from e
   except Exception as e:  # flatbuffers raises assorted errors on garbage
-    raise ValueError(f"--model {path} is not a jax.export model "
-                     f"({type(e).__name__}: {e}).") from e
+    raise errors.UsageError(f"--model {path} is not a jax.export model "
+                            f"({type(e).__name__}: {e}).") from e
 
 
 def load_test_split(name: str, data_dir: str | None
@@ -48,8 +50,8 @@ def load_test_split(name: str, data_dir: str | None
   if name == "digits":
     dataset = data_lib.load_digits()
   elif data_dir is None:
-    raise ValueError(f"the model takes {name} images: pass --data-dir with "
-                     f"the dataset files.")
+    raise errors.UsageError(f"the model takes {name} images: pass --data-dir "
+                            f"with the dataset files.")
   elif name in ("mnist", "fashion_mnist"):
     dataset = data_lib.load_idx(data_dir, name=name)
   else:
@@ -94,12 +96,12 @@ def main(argv: Sequence[str] | None = None) -> float:
   image_shape = tuple(aval.shape[1:])
   name = args.dataset or _BY_SHAPE.get(image_shape)
   if name is None:
-    raise ValueError(f"the model takes images of shape {image_shape}; pass "
-                     f"--dataset to say which test split to use.")
+    raise errors.UsageError(f"the model takes images of shape {image_shape}; "
+                            f"pass --dataset to say which test split to use.")
   images, labels = load_test_split(name, args.data_dir)
   if images.shape[1:] != image_shape:
-    raise ValueError(f"the model takes {image_shape} images but the {name} "
-                     f"test split has {images.shape[1:]}.")
+    raise errors.UsageError(f"the model takes {image_shape} images but the "
+                            f"{name} test split has {images.shape[1:]}.")
   logits = predict(exported, images, batch_size=args.batch_size)
   predicted = logits.argmax(-1)
   print(f"model {args.model}: input float32 {aval.shape} in [0, 1] -> logits "
@@ -115,6 +117,6 @@ def main(argv: Sequence[str] | None = None) -> float:
 if __name__ == "__main__":
   try:
     main()
-  except (ValueError, data_lib.DataError) as e:
+  except errors.UsageError as e:  # DataError included; a bug keeps its trace
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(errors.EXIT_USAGE)

@@ -1,4 +1,5 @@
-"""Smoke tests of benchmarks/bench.py: it runs and writes its tables.
+"""Smoke tests of benchmarks/bench.py and breakdown.py: they run and write
+their tables.
 
 No timed assertions: only that every section and row is produced and that
 the cells hold numbers.
@@ -12,16 +13,12 @@ import sys
 
 import pytest
 
+from benchmarks import cli
+from benchmarks import e2e
+from benchmarks import timing
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench.py")
-
-
-def _load_bench():
-  spec = importlib.util.spec_from_file_location("jbn_bench", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
 
 
 def _table_rows(text, title):
@@ -102,7 +99,6 @@ def test_quick_run_writes_every_table(tmp_path):
 
 
 def test_keep_freed_memory_reruns_with_the_malloc_settings(tmp_path):
-  bench = _load_bench()
   out = tmp_path / "RESULTS.md"
   cmd = [sys.executable, SCRIPT, "--quick", "--shapes", "16x8", "--dtypes",
          "float32", "--reps", "2", "--warmup", "0", "--no-torch",
@@ -116,7 +112,7 @@ def test_keep_freed_memory_reruns_with_the_malloc_settings(tmp_path):
   text = out.read_text()
   assert ("- Memory allocator: glibc told never to return freed memory to "
           "the kernel (" + ", ".join(
-              f"`{k}={v}`" for k, v in bench.KEEP_FREED_MEMORY.items())
+              f"`{k}={v}`" for k, v in timing.KEEP_FREED_MEMORY.items())
           + ")") in text
   assert "--keep-freed-memory" in text  # in the recorded command
   assert "† marks" not in text
@@ -130,17 +126,26 @@ def test_keep_freed_memory_reruns_with_the_malloc_settings(tmp_path):
     (["--row-seconds", "0"], "--row-seconds must be > 0"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
-  bench = _load_bench()
   with pytest.raises(SystemExit):
-    bench.parse_args(argv)
+    cli.parse_args(argv)
   assert message in capsys.readouterr().err
 
 
 def test_e2e_without_jbn_linen_says_so(monkeypatch):
-  bench = _load_bench()
   monkeypatch.setitem(sys.modules, "jbn.linen", None)  # import fails
   with pytest.raises(SystemExit, match="--e2e needs jbn.linen.BatchNorm"):
-    bench.bench_e2e(batch=2, reps=bench.Reps(fixed=1))
+    e2e.bench_e2e(batch=2, reps=timing.Reps(fixed=1))
+
+
+def test_importing_the_benchmarks_sets_no_environment():
+  code = ("import os; before = dict(os.environ); "
+          "import benchmarks.bench, benchmarks.breakdown; "
+          "assert dict(os.environ) == before")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_WAIT_POLICY")}
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
 
 
 BREAKDOWN = os.path.join(ROOT, "benchmarks", "breakdown.py")

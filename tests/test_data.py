@@ -1,6 +1,5 @@
 """The example data loaders, on tiny files written in the real formats."""
 
-import gzip
 import io
 import os
 import pickle
@@ -11,56 +10,7 @@ import numpy as np
 import pytest
 
 from examples import data
-
-
-def write_idx(path, array):
-  """An IDX file of unsigned bytes: 0, 0, 0x08, ndim, big-endian sizes."""
-  array = np.asarray(array, np.uint8)
-  raw = bytes([0, 0, 0x08, array.ndim]) + struct.pack(
-      f">{array.ndim}I", *array.shape) + array.tobytes()
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "wb") as f:
-    f.write(raw)
-
-
-def make_idx_dir(root, rng, *, gz=("train-images-idx3-ubyte",)):
-  """The four MNIST files (some gzipped), 6 train and 4 test 5x4 images."""
-  arrays = {
-      "train-images-idx3-ubyte": rng.integers(0, 256, (6, 5, 4)),
-      "train-labels-idx1-ubyte": rng.integers(0, 10, 6),
-      "t10k-images-idx3-ubyte": rng.integers(0, 256, (4, 5, 4)),
-      "t10k-labels-idx1-ubyte": rng.integers(0, 10, 4),
-  }
-  for name, array in arrays.items():
-    write_idx(os.path.join(root, name + (".gz" if name in gz else "")), array)
-  return arrays
-
-
-def cifar_batch(rng, n):
-  return {b"batch_label": b"x", b"labels": rng.integers(0, 10, n).tolist(),
-          b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
-          b"filenames": [b"f"] * n}
-
-
-def write_cifar(root, rng, *, layout, n=3):
-  """CIFAR-10 python batches: 'flat' in root, 'dir' in
-  root/cifar-10-batches-py, or 'tar' as root/cifar-10-python.tar.gz."""
-  batches = {name: cifar_batch(rng, n)
-             for name in data.CIFAR10_TRAIN + (data.CIFAR10_TEST,)}
-  if layout == "tar":
-    with tarfile.open(os.path.join(root, data.CIFAR10_ARCHIVE), "w:gz") as tar:
-      for name, batch in batches.items():
-        raw = pickle.dumps(batch, protocol=2)
-        info = tarfile.TarInfo(f"{data.CIFAR10_DIR}/{name}")
-        info.size = len(raw)
-        tar.addfile(info, io.BytesIO(raw))
-    return batches
-  folder = root if layout == "flat" else os.path.join(root, data.CIFAR10_DIR)
-  os.makedirs(folder, exist_ok=True)
-  for name, batch in batches.items():
-    with open(os.path.join(folder, name), "wb") as f:
-      pickle.dump(batch, f)
-  return batches
+from tests.helpers import make_idx_dir, write_cifar, write_idx
 
 
 # --------------------------------------------------------------------------

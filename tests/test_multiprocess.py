@@ -1,42 +1,43 @@
-"""Two processes on 127.0.0.1 train together (jax.distributed, gloo on CPU)."""
+"""Two processes on 127.0.0.1 train together (jax.distributed, gloo on CPU),
+and stop promptly, naming the lost process, when the other one dies."""
 
 import dataclasses
 import os
 import re
-import socket
+import signal
 import subprocess
 import sys
+import time
 
-import flax.serialization
 import jax
 import numpy as np
+import pytest
 
+from examples import checkpoint
+from examples import errors
 from examples import mnist
+from examples import parallel
 from examples import train
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--epochs", "1", "--batch-size", "128", "--hidden", "32",
          "--warmup-epochs", "0.2", "--no-progress"]
 
 
-def free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_end_with_identical_parameters(tmp_path):
-  workdir = str(tmp_path / "run")
-  address = f"127.0.0.1:{free_port()}"
-  # One CPU device per process: drop the test session's 4-device flag.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  procs = [subprocess.Popen(
-      [sys.executable, "examples/mnist.py", *FLAGS, "--workdir", workdir,
+def _start(workdir, flags, address):
+  env = dict(helpers.subprocess_env(), PYTHONUNBUFFERED="1")
+  return [subprocess.Popen(
+      [sys.executable, "examples/mnist.py", *flags, "--workdir", workdir,
        "--coordinator-address", address, "--num-processes", "2",
        "--process-id", str(i)],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True) for i in range(2)]
+
+
+def test_two_processes_end_with_identical_parameters(tmp_path):
+  workdir = str(tmp_path / "run")
+  procs = _start(workdir, FLAGS, f"127.0.0.1:{helpers.free_port()}")
   outputs = []
   try:
     for p in procs:
@@ -55,19 +56,60 @@ def test_two_processes_end_with_identical_parameters(tmp_path):
       outputs[0])
   assert "test accuracy" in outputs[0]  # process 0 reports and writes files
   assert os.path.exists(os.path.join(workdir, "model.jax"))
+  assert helpers.stray_files(workdir) == []
 
   # Each process fed its half of every batch: the same training as one
-  # process with 2 devices (up to the order of floating-point sums).
+  # process with 2 devices (up to the order of floating-point sums). The
+  # checkpoint both processes wrote restores here on 2 local devices.
   config = dataclasses.replace(
       mnist.DEFAULTS, hidden=(32,), batch_size=128, epochs=1,
       warmup_epochs=0.2, devices=2, progress=False, quiet=True)
   local = train.train_and_evaluate(config, str(tmp_path / "local"))
-  with open(os.path.join(workdir, "checkpoint.msgpack"), "rb") as f:
-    saved = flax.serialization.msgpack_restore(f.read())
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-5),
-               saved["state"]["params"], train.to_host(local.state.params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-5),
-               saved["state"]["batch_stats"],
-               train.to_host(local.state.batch_stats))
+  ckpts = checkpoint.Checkpoints(workdir, dataclasses.replace(config,
+                                                              resume=True))
+  saved = ckpts.restore(local.state, local.rng)
+  ckpts.close()
+  assert saved.epoch == 1
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  jax.tree.map(close, parallel.to_host(saved.state.params),
+               parallel.to_host(local.state.params))
+  jax.tree.map(close, parallel.to_host(saved.state.batch_stats),
+               parallel.to_host(local.state.batch_stats))
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_when_a_process_dies_the_other_stops_and_names_it(tmp_path, victim):
+  """kill -9 one process mid-training: the survivor exits with status 4
+  within 30 s (in practice well under a second) and a message naming the
+  lost process.
+
+  (No checkpoint is written during the test: a process that waits in an
+  Orbax checkpoint barrier when the other dies is terminated by JAX's
+  coordination client itself -- SIGABRT, JAX's message -- see parallel.py.)
+  """
+  survivor = 1 - victim
+  workdir = str(tmp_path / "run")
+  flags = [*FLAGS, "--epochs", "200", "--checkpoint-every", "600"]
+  procs = _start(workdir, flags, f"127.0.0.1:{helpers.free_port()}")
+  try:
+    lines = []
+    for line in procs[0].stdout:  # training is under way: epoch 3 is done
+      lines.append(line)
+      if line.startswith("epoch   3/"):
+        break
+    assert lines and lines[-1].startswith("epoch   3/"), "".join(lines)
+    procs[victim].send_signal(signal.SIGKILL)
+    t0 = time.perf_counter()
+    out, _ = procs[survivor].communicate(timeout=60)
+    seconds = time.perf_counter() - t0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert procs[survivor].returncode != 0, out
+  assert seconds < 30, out
+  assert re.search(rf"error: process {survivor} of 2: lost process {victim} "
+                   r"\(", out), out[-3000:]
+  assert procs[survivor].returncode == errors.EXIT_LOST_PROCESS
+  print(f"process {victim} killed: process {survivor} exited "
+        f"{procs[survivor].returncode} after {seconds:.2f} s")
