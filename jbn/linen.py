@@ -212,6 +212,7 @@ class BatchNorm(nn.Module):
     if not initializing and train is not False:
       for key, var in stats.items():
         var.value = new_state[key]
-      if self.is_mutable_collection(_flax.MOMENTS):  # jbn.recalibrate
+      if train is True and self.is_mutable_collection(
+          _flax.MOMENTS):  # jbn.recalibrate (Python-bool modes only)
         self.sow(_flax.MOMENTS, "moments", _flax.local_moments(x, opts, mask))
     return y

@@ -19,9 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from jbn import _flax
+from jbn import _recalibrate
 from jbn._modes import RenormClip
+from jbn._moments import Moments
 
 Array = jax.Array
 Dtype = Any
@@ -275,7 +279,8 @@ class BatchNorm(nnx.Module):
       self.var[...] = new_state["var"]
       if self.count is not None:
         self.count[...] = new_state["count"]
-      if getattr(self, _flax.MOMENTS, None) is not None:  # jbn.nnx.recalibrate
+      if train is True and getattr(self, _flax.MOMENTS,
+                                   None) is not None:  # jbn.nnx.recalibrate
         getattr(self, _flax.MOMENTS)[...] = _flax.local_moments(x, opts, mask)
     return y
 
@@ -294,11 +299,7 @@ class BatchNorm(nnx.Module):
 # Recalibration (PreciseBN)
 
 # Imported here because recalibration was appended to this module.
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec  # noqa: E402
 
-from jbn import _recalibrate  # noqa: E402
-from jbn._moments import Moments  # noqa: E402
 
 
 class BatchMoments(nnx.Variable):
