@@ -58,7 +58,6 @@ def measure(shape: tuple[int, ...], dtype_name: str, reps: int,
   import jax
   import jax.numpy as jnp
 
-  from jbn import _functional
   from jbn import _moments
 
   dtype = contenders.DTYPES[dtype_name]
@@ -71,23 +70,18 @@ def measure(shape: tuple[int, ...], dtype_name: str, reps: int,
             "bias": jnp.full((c,), 0.2, jnp.float32)}
   state = {"mean": jnp.zeros((c,), jnp.float32),
            "var": jnp.ones((c,), jnp.float32)}
-  # The call's static configuration and the saved residuals exactly as
-  # jbn.batch_norm makes them, so that "bwd" is jbn's own backward.
   # pylint: disable=protected-access
-  cfg = _functional._validate(
-      params, state, x, True, axis=-1, momentum=contenders.MOMENTUM,
-      epsilon=contenders.EPSILON, axis_name=None, axis_index_groups=None,
-      mask=None, dtype=None, sync="psum")[0]
-
   def stats(x):
-    return _moments.moments(x, red)[:2]
+    return _moments.mean_var(_moments.local_moments(x, red))
 
   def fwd_residuals(p, x):
-    return _functional._train_fwd(cfg, x, p["scale"], p["bias"],
-                                  state["mean"].reshape(cfg.bshape), None)[1]
+    # jbn's own backward: the vjp function of its forward, whose leaves are
+    # the saved residuals (x and per-feature vectors).
+    return jax.vjp(lambda p, x: contenders.jbn_apply(p, state, x, True,
+                                                     None)[0], p, x)[1]
 
-  def bwd(residuals, dy):
-    return _functional._train_bwd(cfg, residuals, (dy,))
+  def bwd(vjp, dy):
+    return vjp(dy)
   # pylint: enable=protected-access
 
   def fwd_bwd(apply):

@@ -32,15 +32,19 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 WORKS = ("fwd+bwd", "train fwd", "eval")
 PASSES = {"train fwd": 3, "fwd+bwd": 8, "eval": 2}
 # Column names in the report.
-LABELS = {"jbn": "jbn", "flax": "flax", "flax-sv": "flax slow-var",
-          "torch": "torch"}
+LABELS = {"jbn": "jbn", "jbn-renorm": "jbn renorm", "jbn-ghost": "jbn ghost",
+          "flax": "flax", "flax-sv": "flax slow-var", "torch": "torch"}
 AXIS = "batch"
 MOMENTUM, EPSILON = 0.99, 1e-5  # the defaults of both jbn and Flax
 
 
-def jbn_apply(params, state, x, train, axis_name):
+RENORM = jbn.RenormClip(3.0, 5.0)  # the paper's final clipping
+GHOST_BATCH_SIZE = 8  # or the largest divisor of a smaller local batch
+
+
+def jbn_apply(params, state, x, train, axis_name, **mode):
   return jbn.batch_norm(params, state, x, train, momentum=MOMENTUM,
-                        epsilon=EPSILON, axis_name=axis_name)
+                        epsilon=EPSILON, axis_name=axis_name, **mode)
 
 
 def flax_apply(params, state, x, train, axis_name, *, use_fast_variance):
@@ -57,6 +61,10 @@ def flax_apply(params, state, x, train, axis_name, *, use_fast_variance):
 # The JAX contenders, in report order (a new one: an entry here and in LABELS).
 APPLY = {
     "jbn": jbn_apply,
+    "jbn-renorm": functools.partial(jbn_apply, renorm=RENORM),
+    "jbn-ghost": lambda p, s, x, train, axis_name: jbn_apply(
+        p, s, x, train, axis_name,
+        ghost_batch_size=math.gcd(GHOST_BATCH_SIZE, x.shape[0])),
     "flax": functools.partial(flax_apply, use_fast_variance=True),
     "flax-sv": functools.partial(flax_apply, use_fast_variance=False),
 }
