@@ -83,7 +83,9 @@ class Checkpoints:
       remove_unfinished(self.directory)
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints, create=True))
+            max_to_keep=config.keep_checkpoints, create=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def path(self, epoch: int) -> str:
     return os.path.join(self.directory, str(epoch))
@@ -133,15 +135,32 @@ class Checkpoints:
     except Exception as e:  # orbax, tensorstore, json: all the same here
       raise self._unreadable(path, e) from e
     self._check_settings(saved_config, path)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                            {"train_state": state, "rng": rng})
     try:
+      template = self._template(epoch, state)
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                              {"train_state": template, "rng": rng})
       arrays = self._manager.restore(epoch, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract))).state
     except Exception as e:  # pylint: disable=broad-except
       raise self._unreadable(path, e) from e
-    return Restored(arrays["train_state"], arrays["rng"], int(meta["epoch"]),
+    restored = arrays["train_state"]
+    if template is not state:
+      restored = state.replace(**restored)
+    return Restored(restored, arrays["rng"], int(meta["epoch"]),
                     meta["history"], int(meta.get("skipped_steps", 0)), path)
+
+  def _template(self, epoch: int, state):
+    """``state``, or, for a checkpoint written before a field of the state
+    existed (``ema_params``) and that is empty here, a dict of the fields
+    it has (the missing ones then keep ``state``'s empty values)."""
+    on_disk = self._manager.item_metadata(epoch)["state"].tree["train_state"]
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+              if f.metadata.get("pytree_node", True)}
+    absent = [k for k, v in fields.items()
+              if k not in on_disk and not jax.tree.leaves(v)]
+    if not absent:
+      return state
+    return {k: v for k, v in fields.items() if k not in absent}
 
   def wait(self) -> None:
     """Blocks until every checkpoint started is complete."""

@@ -27,9 +27,10 @@ from examples import train
 def run(config: configs.Config, workdir: str | None) -> train.TrainResult:
   """Starts the processes, trains, exports, prints a summary.
 
-  ``model.jax`` is exported only when the run reached ``config.epochs``.
-  Every process prints the SHA-256 of its final parameters (equal digests:
-  bitwise-equal parameters).
+  ``model.jax`` is exported only when the run reached ``config.epochs``;
+  it holds ``result.variables`` (recalibrated statistics, weight EMA).
+  Every process prints the SHA-256 of its final parameters and of the
+  exported variables (equal digests: bitwise-equal values).
   """
   parallel.initialize(config)
   if config.resume and workdir is None:
@@ -50,10 +51,19 @@ def run(config: configs.Config, workdir: str | None) -> train.TrainResult:
               + (f" --data-dir {config.data_dir}" if config.data_dir else ""))
   if is_main and result.history:
     last = result.history[-1]
-    print(f"test accuracy {100 * last['test_accuracy']:.2f}% after epoch "
-          f"{last['epoch']}; {time.perf_counter() - t0:.1f} s")
-  print(f"process {jax.process_index()} params sha256 "
+    what = [w for k, w in (("ema_test_accuracy", "weight EMA"),
+                           ("recalibrated_test_accuracy", "recalibrated"))
+            if k in last]
+    exported = (f" ({', '.join(what)}: {100 * last['final_test_accuracy']:.2f}%)"
+                if what else "")
+    print(f"test accuracy {100 * last['test_accuracy']:.2f}%{exported} after "
+          f"epoch {last['epoch']}; {time.perf_counter() - t0:.1f} s")
+  me = jax.process_index()
+  print(f"process {me} params sha256 "
         f"{parallel.params_digest(result.state.params)}", flush=True)
+  if result.variables is not None:
+    print(f"process {me} exported sha256 "
+          f"{parallel.params_digest(result.variables)}", flush=True)
   return result
 
 

@@ -29,6 +29,10 @@ def export_inference(result, path: str, *,
   """Folds every batch norm of ``result`` (a ``train.TrainResult``) and
   writes the exported model to ``path`` (process 0, atomically).
 
+  The model is ``result.variables``: the weight EMA's parameters with
+  ``--weight-ema``, and the recalibrated running statistics with
+  ``--recalibrate`` (see ``recalibration.py``).
+
   The export runs on every platform in ``platforms`` plus the current one.
 
   Returns:
@@ -36,8 +40,8 @@ def export_inference(result, path: str, *,
     the unfolded model in evaluation mode on the first ``check_examples``
     test images.
   """
-  variables = parallel.to_host({"params": result.state.params,
-                                "batch_stats": result.state.batch_stats})
+  variables = parallel.to_host(result.variables or {
+      "params": result.state.params, "batch_stats": result.state.batch_stats})
   model = result.model.clone(
       norm=dataclasses.replace(result.model.norm, axis_name=None))
   folded_model, folded_params = models.fold(model, variables)

@@ -1,7 +1,7 @@
 """What a valid training state is, and what the loop does with a bad step.
 
-A state is valid when every float in its parameters, ``batch_stats`` and
-optimizer state is finite and every running variance (a ``batch_stats``
+A state is valid when every float in its parameters, ``batch_stats``, weight
+EMA (``ema_params``, ``--weight-ema``) and optimizer state is finite and every running variance (a ``batch_stats``
 leaf named ``var``) is >= 0. ``train_step`` computes :func:`state_ok` for the
 state it produced and keeps the old state if that one (or the loss) is not
 valid; :class:`BadSteps` counts such steps on the host and stops the run
@@ -21,7 +21,7 @@ import numpy as np
 from examples import errors
 from examples import parallel
 
-CHECKED = ("params", "batch_stats", "opt_state")
+CHECKED = ("params", "batch_stats", "ema_params", "opt_state")
 
 
 def _float_leaves(state, group: str) -> Iterator[tuple[str, Any]]:

@@ -7,8 +7,12 @@ per-channel constants, so the exported inference function has the same
 input contract as the training data.
 
 ``train=True`` uses and updates the batch statistics; ``train=False`` uses
-the running averages in ``batch_stats``. :func:`fold` turns a trained model
-into its inference form, every batch norm folded into the layer before it.
+the running averages in ``batch_stats``. In training, ``renorm=`` (a
+``jbn.RenormClip``, e.g. ``jbn.renorm_clip(step)``) reaches every batch norm
+per call, so a schedule driven by a traced step never recompiles, and
+``mask=`` (one bool per example) leaves padding rows out of the statistics.
+:func:`fold` turns a trained model into its inference form, every batch norm
+folded into the layer before it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class Norm:
     epsilon: added to the variance.
     axis_name: mapped axis for synced batch norm (``'batch'`` under
       ``jax.shard_map``), or None on one device.
+    ghost_batch_size: ghost batch norm: each device's share of the batch is
+      split into groups of this many examples, each normalized with its own
+      statistics (``jbn.linen.BatchNorm``'s field); None: plain.
     module: the batch norm class: ``jbn.linen.BatchNorm``, or any drop-in
       with its fields (``flax.linen.BatchNorm``: the benchmark compares them).
   """
@@ -52,15 +59,16 @@ class Norm:
   momentum: float = 0.9
   epsilon: float = 1e-5
   axis_name: str | None = None
+  ghost_batch_size: int | None = None
   module: Any = BatchNorm
 
 
 class LayerBN(nn.Module):
   """Dense (``kernel_size=None``) or Conv (HWIO kernel, SAME padding), then BN.
 
-  Without batch norm, or folded, the layer has a bias and nothing follows it.
-  The submodules are named ``layer`` and ``bn``: :func:`fold` finds them by
-  these names.
+  Without batch norm, or folded, the layer has a bias and nothing follows it
+  (``renorm`` and ``mask`` then do nothing). The submodules are named
+  ``layer`` and ``bn``: :func:`fold` finds them by these names.
   """
 
   features: int
@@ -69,7 +77,9 @@ class LayerBN(nn.Module):
   strides: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool,
+               renorm: jbn.RenormClip | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
     with_bn = self.norm.use_bn and not self.norm.folded
     if self.kernel_size is None:
       layer = nn.Dense(self.features, use_bias=not with_bn,
@@ -81,10 +91,16 @@ class LayerBN(nn.Module):
                       name="layer")
     x = layer(x)
     if with_bn:
+      # Only what is set: any drop-in (flax.linen.BatchNorm) takes the rest.
+      fields = ({} if self.norm.ghost_batch_size is None else
+                {"ghost_batch_size": self.norm.ghost_batch_size})
+      call = {} if renorm is None else {"renorm": renorm}
+      if mask is not None:  # one flag per example, broadcast over the rest
+        call["mask"] = mask.reshape(mask.shape[:1] + (1,) * (x.ndim - 1))
       x = self.norm.module(
           use_running_average=not train, momentum=self.norm.momentum,
           epsilon=self.norm.epsilon, axis_name=self.norm.axis_name,
-          name="bn")(x)
+          name="bn", **fields)(x, **call)
     return x
 
 
@@ -103,12 +119,14 @@ class MLP(nn.Module):
   norm: Norm = Norm()
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, images: jax.Array, *, train: bool,
+               renorm: jbn.RenormClip | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
     x = _standardize(images, self.mean, self.std)
     x = x.reshape(x.shape[0], -1)
     for i, features in enumerate(self.hidden):
       x = nn.relu(LayerBN(features, self.norm, name=f"hidden{i}")(
-          x, train=train))
+          x, train=train, renorm=renorm, mask=mask))
     return nn.Dense(self.num_classes, name="head")(x)
 
 
@@ -120,13 +138,16 @@ class ResidualBlock(nn.Module):
   norm: Norm = Norm()
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool,
+               renorm: jbn.RenormClip | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    bn = dict(train=train, renorm=renorm, mask=mask)
     y = nn.relu(LayerBN(self.features, self.norm, (3, 3), self.strides,
-                        name="conv1")(x, train=train))
-    y = LayerBN(self.features, self.norm, (3, 3), name="conv2")(y, train=train)
+                        name="conv1")(x, **bn))
+    y = LayerBN(self.features, self.norm, (3, 3), name="conv2")(y, **bn)
     if self.strides != 1 or x.shape[-1] != self.features:
       x = LayerBN(self.features, self.norm, (1, 1), self.strides,
-                  name="shortcut")(x, train=train)
+                  name="shortcut")(x, **bn)
     return nn.relu(x + y)
 
 
@@ -143,15 +164,17 @@ class ResNet(nn.Module):
   norm: Norm = Norm()
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, images: jax.Array, *, train: bool,
+               renorm: jbn.RenormClip | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    bn = dict(train=train, renorm=renorm, mask=mask)
     x = _standardize(images, self.mean, self.std)
-    x = nn.relu(LayerBN(self.width, self.norm, (3, 3), name="stem")(
-        x, train=train))
+    x = nn.relu(LayerBN(self.width, self.norm, (3, 3), name="stem")(x, **bn))
     for stage, blocks in enumerate(self.stage_sizes):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         x = ResidualBlock(self.width * 2**stage, strides, self.norm,
-                          name=f"stage{stage}_block{block}")(x, train=train)
+                          name=f"stage{stage}_block{block}")(x, **bn)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(x)
 

@@ -9,8 +9,16 @@ of a replicated parameter comes out already summed over the axis, so the sum
 of the shares gives exactly the gradient of the global mean, the same as on
 one device.
 
+Batch norm modes (``--bn``): plain, batch renormalization (the clipping
+schedule ``jbn.renorm_clip`` is evaluated at the traced ``state.step`` inside
+``train_step`` and passed per call down to every batch norm: one compiled
+step serves the whole run) or ghost batch norm (``Norm.ghost_batch_size``).
+With ``--weight-ema`` the state also carries an EMA of the parameters. After
+the last epoch, ``recalibration.finish`` evaluates the EMA and recalibrates
+the running statistics; the export uses what it returns.
+
 Fail safe (``failsafe.py``): a step whose loss, or whose new parameters,
-``batch_stats`` or optimizer state, are not finite (or whose running variance
+``batch_stats``, weight EMA or optimizer state, are not finite (or whose running variance
 is negative) is not applied. The run then stops (``TrainingStopped``, exit
 3) unless ``config.max_bad_steps`` allows skipping it; the last checkpoint is
 kept and nothing is exported. A restored state is checked the same way.
@@ -40,6 +48,7 @@ from examples import errors
 from examples import failsafe
 from examples import models
 from examples import parallel
+from examples import recalibration
 from examples import reporting
 from examples.parallel import AXIS
 
@@ -47,9 +56,11 @@ PRNG_IMPL = "rbg"
 
 
 class TrainState(train_state.TrainState):
-  """Flax's TrainState plus the running statistics of the batch norms."""
+  """Flax's TrainState plus the running statistics of the batch norms and,
+  with ``--weight-ema``, an EMA of the parameters (``{}`` without)."""
 
   batch_stats: Any = None
+  ema_params: Any = None
 
 
 @dataclasses.dataclass
@@ -62,6 +73,10 @@ class TrainResult:
   dataset: data_lib.Dataset
   history: list[dict[str, Any]]
   mesh: jax.sharding.Mesh
+  # What the export holds (replicated): the parameters (the weight EMA's
+  # with --weight-ema) and their batch_stats (recalibrated with
+  # --recalibrate); `state`'s own before the last epoch.
+  variables: dict[str, Any] | None = None
 
 
 def create_model(config: configs.Config, dataset: data_lib.Dataset, *,
@@ -69,8 +84,11 @@ def create_model(config: configs.Config, dataset: data_lib.Dataset, *,
   """The network of ``config``, standardizing inputs with the training
   split's per-channel mean and std."""
   mean, std = dataset.channel_stats()
-  norm = models.Norm(use_bn=config.use_bn, momentum=config.bn_momentum,
-                     epsilon=config.bn_epsilon, axis_name=axis_name)
+  norm = models.Norm(
+      use_bn=config.use_bn, momentum=config.bn_momentum,
+      epsilon=config.bn_epsilon, axis_name=axis_name,
+      ghost_batch_size=(config.ghost_batch_size if config.bn_mode == "ghost"
+                        else None))
   common = dict(num_classes=dataset.num_classes, mean=tuple(mean.tolist()),
                 std=tuple(std.tolist()), norm=norm)
   if config.model == "mlp":
@@ -102,14 +120,87 @@ def create_optimizer(config: configs.Config, steps_per_epoch: int
                           f"sgd or adamw.")
 
 
+def check_bn_mode(config: configs.Config, devices: int) -> None:
+  """Raises UsageError for ``--bn`` settings that cannot work.
+
+  A ghost batch must divide each device's share of the batch (ghost batches
+  never span devices).
+  """
+  per_device = config.batch_size // devices
+  if config.bn_mode != "batchnorm" and not config.use_bn:
+    raise errors.UsageError(f"--bn {config.bn_mode} needs batch norm: drop "
+                            f"--no-bn.")
+  if config.bn_mode != "ghost" and config.ghost_batch_size is not None:
+    raise errors.UsageError("--ghost-batch-size is for --bn ghost.")
+  if config.bn_mode != "renorm":
+    given = [f"--{n.replace('_', '-')}" for n, f in configs.FIELDS.items()
+             if n.startswith("renorm_") and getattr(config, n) != f.default]
+    if given:
+      raise errors.UsageError(f"{', '.join(given)}: for --bn renorm.")
+  if config.bn_mode != "ghost":
+    return
+  ghost = config.ghost_batch_size
+  if ghost is None:
+    raise errors.UsageError(
+        f"--bn ghost needs --ghost-batch-size N: examples per ghost batch, "
+        f"a divisor of the per-device batch ({per_device} = --batch-size "
+        f"{config.batch_size} / {devices} device(s)).")
+  if ghost < 1 or per_device % ghost:
+    raise errors.UsageError(
+        f"--ghost-batch-size {ghost} must divide the per-device batch "
+        f"{per_device} (--batch-size {config.batch_size} over {devices} "
+        f"device(s)): each device splits its own share into ghost batches.")
+  if ghost < 2 and config.model == "mlp":
+    raise errors.UsageError(
+        "--ghost-batch-size 1: the MLP's batch norm would see one value per "
+        "feature (output = bias); use 2 or more.")
+
+
+def renorm_schedule(config: configs.Config, total_steps: int
+                    ) -> Callable[[jax.Array], jbn.RenormClip] | None:
+  """``step -> jbn.RenormClip`` for ``--bn renorm`` (None otherwise).
+
+  ``jbn.renorm_clip`` with the ``--renorm-*`` flags; the step flags default
+  to 10% (plain batch norm), 80% (``rmax`` reached) and 50% (``dmax``
+  reached) of ``total_steps``, the proportions of the paper's 5k/40k/25k.
+
+  Raises:
+    UsageError: bounds or steps out of order.
+  """
+  if config.bn_mode != "renorm":
+    return None
+  warmup = config.renorm_warmup_steps
+  warmup = round(0.1 * total_steps) if warmup is None else warmup
+  default = lambda steps, fraction: (  # noqa: E731
+      max(round(fraction * total_steps), warmup) if steps is None else steps)
+  rmax_steps = default(config.renorm_rmax_steps, 0.8)
+  dmax_steps = default(config.renorm_dmax_steps, 0.5)
+  if not (config.renorm_rmax >= 1 and config.renorm_dmax >= 0):
+    raise errors.UsageError(
+        f"--renorm-rmax {config.renorm_rmax} must be >= 1 and --renorm-dmax "
+        f"{config.renorm_dmax} >= 0 (1 and 0: plain batch norm).")
+  if not 0 <= warmup <= min(rmax_steps, dmax_steps):
+    raise errors.UsageError(
+        f"--renorm-warmup-steps {warmup} must be >= 0 and at most "
+        f"--renorm-rmax-steps ({rmax_steps}) and --renorm-dmax-steps "
+        f"({dmax_steps}); the run has {total_steps} steps.")
+  return functools.partial(
+      jbn.renorm_clip, warmup_steps=warmup, rmax=config.renorm_rmax,
+      dmax=config.renorm_dmax, rmax_steps=rmax_steps, dmax_steps=dmax_steps)
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       image_shape: Sequence[int], rng: jax.Array
-                       ) -> TrainState:
-  """Initializes parameters, running statistics and optimizer state."""
+                       image_shape: Sequence[int], rng: jax.Array, *,
+                       weight_ema: bool = False) -> TrainState:
+  """Initializes parameters, running statistics, optimizer state and, with
+  ``weight_ema``, the EMA of the parameters (a copy of them)."""
   variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.float32),
                          train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                           tx=tx, batch_stats=variables.get("batch_stats", {}))
+  params = variables["params"]
+  return TrainState.create(
+      apply_fn=model.apply, params=params, tx=tx,
+      batch_stats=variables.get("batch_stats", {}),
+      ema_params=jax.tree.map(jnp.copy, params) if weight_ema else {})
 
 
 def augment_images(key: jax.Array, images: jax.Array, offset: jax.Array,
@@ -137,7 +228,9 @@ def augment_images(key: jax.Array, images: jax.Array, offset: jax.Array,
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
-               rng: jax.Array, *, global_batch: int, augment: bool = False
+               rng: jax.Array, *, global_batch: int, augment: bool = False,
+               renorm: Callable[[jax.Array], jbn.RenormClip] | None = None,
+               weight_ema: float = 0.0
                ) -> tuple[TrainState, dict[str, Any]]:
   """One SGD step on this device's shard; run it under ``shard_map``.
 
@@ -147,6 +240,11 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
     rng: replicated raw PRNG key data (``augment`` only).
     global_batch: examples per step over all devices.
     augment: random crops and flips.
+    renorm: batch renormalization's schedule (:func:`renorm_schedule`),
+      called on the traced ``state.step``; the clip goes to every batch norm
+      of the model per call.
+    weight_ema: decay of the EMA of the parameters (``state.ema_params``),
+      warmed up as ``min(decay, (1 + step) / (10 + step))``; 0: none.
 
   Returns:
     The new (replicated) state -- the old one if the step produced a
@@ -161,10 +259,12 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
     images = augment_images(key, images, jax.lax.axis_index(AXIS) * local,
                             global_batch)
 
+  clip = None if renorm is None else renorm(state.step)
+
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, images,
-        train=True, mutable=["batch_stats"])
+        train=True, renorm=clip, mutable=["batch_stats"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     # This device's share of the global mean: shares sum to the mean.
     return jnp.sum(losses) / global_batch, (logits, updates)
@@ -175,6 +275,11 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
   # shard_map): the gradient of the global mean loss. No pmean here.
   new_state = state.apply_gradients(
       grads=grads, batch_stats=updates.get("batch_stats", {}))
+  if weight_ema:
+    decay = jnp.minimum(weight_ema, (1.0 + state.step) / (10.0 + state.step))
+    new_state = new_state.replace(ema_params=jax.tree.map(
+        lambda e, p: decay * e + (1 - decay) * p, state.ema_params,
+        new_state.params))
   loss = jax.lax.psum(loss, AXIS)
   ok = {"loss": jnp.isfinite(loss), **failsafe.state_ok(new_state)}
   applied = jnp.all(jnp.stack(list(ok.values())))
@@ -210,6 +315,19 @@ def evaluate(state: TrainState, dataset: data_lib.Dataset, p_eval: Callable,
   totals = parallel.to_host(jax.tree.map(lambda *x: sum(x), *totals))
   return {"test_loss": float(totals["loss"] / totals["count"]),
           "test_accuracy": float(totals["correct"] / totals["count"])}
+
+
+def _describe_bn(config: configs.Config, renorm) -> str:
+  if not config.use_bn:
+    return "without batch norm"
+  if config.bn_mode == "ghost":
+    return f"ghost batch norm, ghost batches of {config.ghost_batch_size}"
+  if renorm is not None:
+    k = renorm.keywords
+    return (f"batch renorm: plain for {k['warmup_steps']} steps, then rmax "
+            f"-> {k['rmax']:g} by step {k['rmax_steps']}, dmax -> "
+            f"{k['dmax']:g} by step {k['dmax_steps']}")
+  return "with batch norm"
 
 
 @dataclasses.dataclass
@@ -308,6 +426,11 @@ def train_and_evaluate(config: configs.Config, workdir: str) -> TrainResult:
     if steps_per_epoch == 0:
       raise errors.UsageError(f"--batch-size {config.batch_size} is larger "
                               f"than the {n_train} training examples.")
+    check_bn_mode(config, n_dev)
+    if not 0 <= config.weight_ema < 1:
+      raise errors.UsageError(f"--weight-ema {config.weight_ema}: a decay in "
+                              f"[0, 1) (0: off).")
+    renorm = renorm_schedule(config, config.epochs * steps_per_epoch)
     eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
     model = create_model(config, dataset)
     tx = create_optimizer(config, steps_per_epoch)
@@ -317,7 +440,8 @@ def train_and_evaluate(config: configs.Config, workdir: str) -> TrainResult:
       # "rbg" (XLA's RngBitGenerator) compiles far faster than threefry on
       # CPU; it is deterministic on a given backend.
       init_rng, rng = jax.random.split(jax.random.key(seed, impl=PRNG_IMPL))
-      return (create_train_state(model, tx, dataset.image_shape, init_rng),
+      return (create_train_state(model, tx, dataset.image_shape, init_rng,
+                                 weight_ema=config.weight_ema > 0),
               jax.random.key_data(rng))
 
     state, rng = init(config.seed)
@@ -342,11 +466,12 @@ def train_and_evaluate(config: configs.Config, workdir: str) -> TrainResult:
 
     p_train, p_eval = parallel.shard_steps(
         functools.partial(train_step, global_batch=config.batch_size,
-                          augment=config.augment), eval_step, mesh)
+                          augment=config.augment, renorm=renorm,
+                          weight_ema=config.weight_ema), eval_step, mesh)
     log(f"data: {dataset.source}")
     log(f"{dataset.name}: {n_train} train / {len(dataset.test_images)} test "
         f"images {dataset.image_shape}; {config.model} "
-        f"({'with' if config.use_bn else 'without'} batch norm); "
+        f"({_describe_bn(config, renorm)}); "
         f"{n_dev} device(s) in {jax.process_count()} process(es), global "
         f"batch {config.batch_size} = {config.batch_size // n_dev} per "
         f"device; {steps_per_epoch} steps/epoch; workdir {workdir}")
@@ -379,9 +504,18 @@ def train_and_evaluate(config: configs.Config, workdir: str) -> TrainResult:
       if is_main:
         reporting.append_metrics(workdir, record)
       log(reporting.epoch_line(record, config.epochs))
-    # Post-training steps go here: each takes the final `state` and returns
-    # a new one (then checkpoint it with ckpts.save); the export uses the
-    # state returned below.
+    # After the last epoch: the weight EMA's score, recalibrated running
+    # statistics (not checkpointed: a resume recomputes them); the export
+    # uses `variables`.
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if history and history[-1]["epoch"] == config.epochs:
+      variables, extra = recalibration.finish(
+          config, state, model, dataset, mesh, history[-1],
+          lambda s: evaluate(s, dataset, p_eval, mesh, eval_batch), log)
+      # A new list: the checkpoint being written holds the old one.
+      history = history[:-1] + [{**history[-1], **extra}]
+      if is_main:
+        reporting.write_metrics(workdir, history)
   except (errors.UsageError, errors.TrainingStopped):
     ckpts.close()  # let the checkpoint being written (a good one) finish
     raise
@@ -391,4 +525,4 @@ def train_and_evaluate(config: configs.Config, workdir: str) -> TrainResult:
     reporting.plot_curves(os.path.join(workdir, reporting.CURVES), history,
                           f"{dataset.name} {config.model}")
   return TrainResult(state=state, rng=rng, model=model, dataset=dataset,
-                     history=history, mesh=mesh)
+                     history=history, mesh=mesh, variables=variables)

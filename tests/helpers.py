@@ -41,9 +41,9 @@ def free_port() -> int:
 
 
 def host_variables(result):
-  """``{'params', 'batch_stats'}`` of a TrainResult, as NumPy arrays."""
-  return parallel.to_host({"params": result.state.params,
-                           "batch_stats": result.state.batch_stats})
+  """``{'params', 'batch_stats'}`` of a TrainResult (what its export holds:
+  recalibrated statistics, weight EMA), as NumPy arrays."""
+  return parallel.to_host(result.variables)
 
 
 def snapshot(directory):

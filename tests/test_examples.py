@@ -125,7 +125,7 @@ def test_predict_reports_the_run_accuracy(mnist_run, capsys):
   workdir, result = mnist_run
   accuracy = predict.main(["--model", os.path.join(workdir, "model.jax"),
                            "--show", "2"])
-  assert accuracy == pytest.approx(result.history[-1]["test_accuracy"],
+  assert accuracy == pytest.approx(result.history[-1]["final_test_accuracy"],
                                    abs=1 / 360)
   out = capsys.readouterr().out
   assert "test image    1: predicted" in out
@@ -260,7 +260,7 @@ def test_mnist_idx_files_and_predict(tmp_path, rng):
   assert result.dataset.name == "mnist"
   accuracy = predict.main(["--model", os.path.join(workdir, "model.jax"),
                            "--data-dir", str(data_dir)])
-  assert accuracy == pytest.approx(result.history[-1]["test_accuracy"],
+  assert accuracy == pytest.approx(result.history[-1]["final_test_accuracy"],
                                    abs=1 / 16)
 
 
@@ -276,7 +276,7 @@ def test_cifar_from_files_and_predict(tmp_path, rng):
   assert os.path.getsize(os.path.join(workdir, "model.jax")) > 0
   accuracy = predict.main(["--model", os.path.join(workdir, "model.jax"),
                            "--data-dir", data_dir])
-  assert accuracy == pytest.approx(result.history[-1]["test_accuracy"],
+  assert accuracy == pytest.approx(result.history[-1]["final_test_accuracy"],
                                    abs=1 / 8)
 
 

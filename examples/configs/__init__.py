@@ -10,11 +10,11 @@ Flax's examples).
 
 To add a setting, add one field here::
 
-    ghost_batch_size: int | None = option(
-        None, "examples per ghost batch (default: the whole per-device batch)",
-        group="model")
+    label_smoothing: float = option(
+        0.0, "weight of the uniform distribution in the targets",
+        group="training")
 
-and use ``config.ghost_batch_size`` where it matters: ``--ghost-batch-size``
+and use ``config.label_smoothing`` where it matters: ``--label-smoothing``
 appears on both entry points, in the checkpoint, and in the resume check.
 Types: ``bool`` (a ``--flag`` or ``--no-flag`` that flips the default),
 ``int``, ``float``, ``str`` (``choices=`` to restrict), ``X | None``, and
@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
+BN_MODES = ("batchnorm", "renorm", "ghost")
+RECALIBRATE = ("none", "pooled", "batch_mean")
 
 GROUPS = {
     "data": None,
@@ -101,6 +103,33 @@ class Config:
   use_bn: bool = option(
       True, "batch norm after every hidden Dense/Conv (--no-bn: biases "
       "instead, for comparison)", group="model", flag="bn")
+  bn_mode: str = option(
+      "batchnorm", "batchnorm: plain (synced) batch norm; renorm: batch "
+      "renormalization (Ioffe 2017) with jbn.renorm_clip's warm-up schedule "
+      "driven by the training step (--renorm-* flags); ghost: ghost batch "
+      "norm, each device's share split into --ghost-batch-size groups "
+      "normalized on their own. Evaluation and the exported model are the "
+      "same for all three", group="model", flag="bn", choices=BN_MODES)
+  ghost_batch_size: int | None = option(
+      None, "examples per ghost batch, with --bn ghost (required there); "
+      "must divide the per-device batch (--batch-size / devices)",
+      group="model")
+  renorm_warmup_steps: int | None = option(
+      None, "--bn renorm: steps of plain batch norm (rmax 1, dmax 0) before "
+      "the clipping relaxes (default: 10%% of the run's steps)",
+      group="model")
+  renorm_rmax_steps: int | None = option(
+      None, "--bn renorm: step at which r's bound reaches --renorm-rmax "
+      "(default: 80%% of the run's steps)", group="model")
+  renorm_dmax_steps: int | None = option(
+      None, "--bn renorm: step at which d's bound reaches --renorm-dmax "
+      "(default: 50%% of the run's steps)", group="model")
+  renorm_rmax: float = option(
+      3.0, "--bn renorm: final bound of r = sigma_batch / sigma_running "
+      "(clipped to [1/rmax, rmax])", group="model")
+  renorm_dmax: float = option(
+      5.0, "--bn renorm: final bound of |d| = |mu_batch - mu_running| / "
+      "sigma_running", group="model")
   bn_momentum: float = option(
       0.9, "decay of the running statistics, Flax convention (PyTorch's "
       "momentum=0.1 is 0.9 here)", group="model")
@@ -136,6 +165,20 @@ class Config:
   seed: int = option(
       0, "initialization, data order and augmentation all derive from it",
       group="training")
+  weight_ema: float = option(
+      0.0, "keep an exponential moving average of the parameters with this "
+      "decay (0: off), warmed up as min(decay, (1 + step) / (10 + step)); "
+      "after training it is evaluated and exported instead of the "
+      "parameters (its batch norm statistics recalibrated, see "
+      "--recalibrate)", group="training")
+  recalibrate: str = option(
+      "pooled", "after training, recompute the batch norm running "
+      "statistics from one pass over the training set (train-mode batch "
+      "norm, batches of --batch-size, no augmentation, parameters fixed; "
+      "jbn.recalibrate): pooled = the exact statistics of all the inputs "
+      "seen, batch_mean = the mean of the per-batch statistics (the EMA's "
+      "limit), none = keep the EMA's. Reported before/after; the export "
+      "uses them", group="training", choices=RECALIBRATE)
   max_bad_steps: int = option(
       0, "skip up to this many steps whose loss or new state is not finite "
       "(the step is not applied); one more stops the run (exit 3) with the "
