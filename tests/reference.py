@@ -17,6 +17,7 @@ Conventions pinned here (the public contract of ``jbn.batch_norm``):
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple
 
@@ -189,12 +190,20 @@ def valid_stats(x, mask=None, *, axis=-1) -> ValidStats:
   return ValidStats(mean, var, count.astype(np.float64), spread)
 
 
+@functools.partial(jax.jit, static_argnames=("axis", "epsilon"))
+def _jvp64(primals, tangents, mask, *, axis, epsilon):
+  def f(x, s, b):
+    return _jax_train_forward(x, s, b, axis=axis, epsilon=epsilon, mask=mask)
+  return jax.jvp(f, primals, tangents)
+
+
 def jvp(x, scale, bias, tx, tscale, tbias, *, axis=-1, epsilon=1e-5,
         mask=None):
   """``(y, dy)`` of train-mode batch norm, forward-mode autodiff in float64.
 
-  ``scale`` / ``bias`` may be None (then their tangents must be None too); a
-  tangent of None is a zero tangent.
+  ``scale`` / ``bias`` may be None (then their tangents are ignored); a
+  tangent of None is a zero tangent. ``tx`` may have a leading batch axis of
+  tangents (the Jacobian-vector product of each).
   """
   with jax.enable_x64(True):
     def as64(v):
@@ -207,13 +216,13 @@ def jvp(x, scale, bias, tx, tscale, tbias, *, axis=-1, epsilon=1e-5,
         jnp.zeros_like(b64) if tbias is None else as64(tbias))
     m = None if mask is None else jnp.asarray(
         full_mask(mask, np.shape(x), axis))
-
-    def f(x_, s_, b_):
-      return _jax_train_forward(x_, s_, b_, axis=axis, epsilon=epsilon,
-                                mask=m)
-
-    y, dy = jax.jit(lambda p, t: jax.jvp(f, p, t))(
-        (x64, s64, b64), (tx64, ts64, tb64))
+    if tx64.ndim > x64.ndim:  # a batch of tangents for x
+      y, dy = jax.vmap(lambda t: _jvp64((x64, s64, b64), (t, ts64, tb64), m,
+                                        axis=axis, epsilon=epsilon))(tx64)
+      y = y[0]
+    else:
+      y, dy = _jvp64((x64, s64, b64), (tx64, ts64, tb64), m, axis=axis,
+                     epsilon=epsilon)
     return np.asarray(y, np.float64), np.asarray(dy, np.float64)
 
 
@@ -247,18 +256,24 @@ def numeric_jvp(x, scale, bias, tx, tscale, tbias, *, axis=-1, epsilon=1e-5,
   return (y(moved(+1)) - y(moved(-1))) / (2 * h)
 
 
+@functools.partial(jax.jit, static_argnums=(3,), static_argnames=("axis",
+                                                                  "epsilon"))
+def _hessian64(x, scale, bias, loss_fn, mask, *, axis, epsilon):
+  def loss(x_):
+    return loss_fn(_jax_train_forward(x_, scale, bias, axis=axis,
+                                      epsilon=epsilon, mask=mask))
+  return jax.hessian(loss)(x)
+
+
 def hessian(x, scale, bias, loss_fn, *, axis=-1, epsilon=1e-5, mask=None):
-  """Hessian w.r.t. ``x`` of ``loss_fn(y)`` (a JAX scalar function), float64."""
+  """Hessian w.r.t. ``x`` of ``loss_fn(y)`` (a JAX scalar function), float64.
+
+  ``loss_fn`` must be hashable (a module-level function).
+  """
   with jax.enable_x64(True):
-    x64 = jnp.asarray(np.asarray(x, np.float64))
-    s64 = None if scale is None else jnp.asarray(np.asarray(scale,
-                                                            np.float64))
-    b64 = None if bias is None else jnp.asarray(np.asarray(bias, np.float64))
+    def as64(v):
+      return None if v is None else jnp.asarray(np.asarray(v, np.float64))
     m = None if mask is None else jnp.asarray(
         full_mask(mask, np.shape(x), axis))
-
-    def loss(x_):
-      return loss_fn(_jax_train_forward(x_, s64, b64, axis=axis,
-                                        epsilon=epsilon, mask=m))
-
-    return np.asarray(jax.jit(jax.hessian(loss))(x64), np.float64)
+    return np.asarray(_hessian64(as64(x), as64(scale), as64(bias), loss_fn, m,
+                                 axis=axis, epsilon=epsilon), np.float64)
