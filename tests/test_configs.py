@@ -44,6 +44,29 @@ def test_flags_round_trip_into_the_config():
       "devices": 2, "optimizer": "adamw", "max_bad_steps": 3}
 
 
+def test_batch_norm_mode_and_after_training_flags_round_trip():
+  for parse in (mnist.parse_flags, lambda argv: cifar.parse_flags(
+      ["--synthetic", *argv])):
+    config, _ = parse(["--bn", "ghost", "--ghost-batch-size", "8",
+                       "--weight-ema", "0.99", "--recalibrate", "batch_mean"])
+    assert (config.bn_mode, config.ghost_batch_size, config.weight_ema,
+            config.recalibrate) == ("ghost", 8, 0.99, "batch_mean")
+  config, _ = mnist.parse_flags(
+      ["--bn", "renorm", "--renorm-warmup-steps", "5", "--renorm-rmax-steps",
+       "50", "--renorm-dmax-steps", "30", "--renorm-rmax", "2",
+       "--renorm-dmax", "1"])
+  assert (config.bn_mode, config.renorm_warmup_steps, config.renorm_rmax_steps,
+          config.renorm_dmax_steps, config.renorm_rmax, config.renorm_dmax
+          ) == ("renorm", 5, 50, 30, 2.0, 1.0)
+  assert config.use_bn  # --bn picks the mode; --no-bn is still the switch
+  defaults = mnist.DEFAULTS
+  assert (defaults.bn_mode, defaults.ghost_batch_size, defaults.weight_ema,
+          defaults.recalibrate) == ("batchnorm", None, 0.0, "pooled")
+  # They change what the run computes: a resume must match them.
+  assert not {"bn_mode", "ghost_batch_size", "renorm_warmup_steps",
+              "weight_ema", "recalibrate"} & set(configs.RUN_ONLY)
+
+
 def test_entry_points_take_their_defaults_from_configs():
   assert mnist.DEFAULTS == mnist_config.get_config()
   assert cifar.DEFAULTS == cifar_config.get_config()
@@ -60,6 +83,9 @@ def test_help_shows_the_defaults(capsys):
   out = capsys.readouterr().out
   assert "(default: 512,512)" in out and "(default: 0.1)" in out
   assert "--dataset {digits,mnist,fashion_mnist}" in out
+  assert "--bn {batchnorm,renorm,ghost}" in out
+  assert "--recalibrate {none,pooled,batch_mean}" in out
+  assert "(default: pooled)" in out and "10% of the" in out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -67,6 +93,9 @@ def test_help_shows_the_defaults(capsys):
     (["--synthetic", "--synthetic-size", "1,2,3"],
      "expected exactly 2 comma-separated integers"),
     (["--optimizer", "lamb"], "invalid choice: 'lamb'"),
+    (["--bn", "layernorm"], "invalid choice: 'layernorm'"),
+    (["--recalibrate", "ema"], "invalid choice: 'ema'"),
+    (["--ghost-batch-size", "x"], "invalid int value: 'x'"),
 ])
 def test_bad_values_are_flag_errors(argv, message, capsys):
   parse = cifar.parse_flags if "--synthetic" in argv else mnist.parse_flags

@@ -1,5 +1,6 @@
 """The example entry points end to end (4 CPU devices): mnist.py, cifar.py,
-predict.py, ablation.py, the exported model, the command line's errors.
+predict.py, ablation.py, small_batch.py, the exported model, the command
+line's errors.
 
 Tiny runs: the digits with a small MLP for one or two short epochs, a
 ResNet of width 4 on tiny CIFAR files.
@@ -25,6 +26,7 @@ from examples import mnist
 from examples import models
 from examples import parallel
 from examples import predict
+from examples import small_batch
 from examples import train
 from tests import helpers
 from tests.helpers import ROOT, TINY, TINY_CONFIG
@@ -47,8 +49,11 @@ def test_mnist_smoke_writes_everything(mnist_run, capsys):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     (record,) = [json.loads(line) for line in f]
   for key in ("epoch", "train_loss", "test_loss", "test_accuracy",
-              "examples_per_sec"):
+              "examples_per_sec", "recalibrated_test_loss",
+              "recalibrated_test_accuracy", "final_test_loss",
+              "final_test_accuracy"):  # --recalibrate pooled by default
     assert np.isfinite(record[key]), key
+  assert "ema_test_accuracy" not in record  # no --weight-ema
   assert record["epoch"] == 1
   assert record["test_accuracy"] > 0.5  # 5 steps: far above chance (0.1)
   assert not helpers.stray_files(workdir)
@@ -332,6 +337,26 @@ def test_ablation_tiny(tmp_path, capsys):
   assert os.path.getsize(tmp_path / "ablation.png") > 0
   assert ablation.epochs_to([{"epoch": 1, "test_accuracy": 0.5},
                              {"epoch": 2, "test_accuracy": 0.96}], 0.95) == 2
+
+
+def test_small_batch_tiny(tmp_path, capsys):
+  rows = small_batch.main(["--rows", "32:ghost8", "--seeds", "2",
+                           "--epochs", "1", "--hidden", "16", "--no-cache",
+                           "--workdir", str(tmp_path)])
+  ((row),) = rows
+  assert (row["batch"], row["mode"], row["ghost"]) == (32, "ghost", 8)
+  assert [r["seed"] for r in row["runs"]] == [0, 1]
+  assert all(0.1 < r["recalibrated_test_accuracy"] <= 1 for r in row["runs"])
+  table = (tmp_path / "small_batch.md").read_text()
+  assert "    python examples/small_batch.py --rows 32:ghost8 " in table
+  assert "| 32 | ghost batch norm, ghost batch 8 | 0.05 | " in table
+  assert table in capsys.readouterr().out
+  assert [(r.batch, r.mode, r.ghost) for r in small_batch.parse_rows(
+      small_batch.ROWS)][-3:] == [(64, "batchnorm", None), (64, "ghost", 8),
+                                  (64, "none", None)]
+  with pytest.raises(errors.UsageError, match="'8:ghost' is not BATCH:MODE"):
+    small_batch.parse_rows("8:ghost")
+  assert small_batch.mean_std([0.9, 0.92, float("nan")]) == "91.00 ± 1.41"
 
 
 @pytest.mark.parametrize("value,match", [

@@ -17,6 +17,7 @@ from examples import checkpoint
 from examples import errors
 from examples import mnist
 from examples import parallel
+from examples import reporting
 from examples import train
 from tests import helpers
 from tests.helpers import ROOT
@@ -75,6 +76,37 @@ def test_two_processes_end_with_identical_parameters(tmp_path):
                parallel.to_host(local.state.params))
   jax.tree.map(close, parallel.to_host(saved.state.batch_stats),
                parallel.to_host(local.state.batch_stats))
+
+
+def test_two_processes_renorm_recalibrate_identical(tmp_path):
+  """--bn renorm and the post-training recalibration (and the weight EMA it
+  recalibrates) over 2 processes: both end with the same bits."""
+  workdir = str(tmp_path / "run")
+  flags = [*FLAGS, "--bn", "renorm", "--recalibrate", "pooled",
+           "--weight-ema", "0.9"]
+  procs = _start(workdir, flags, f"127.0.0.1:{helpers.free_port()}")
+  outputs = []
+  try:
+    for p in procs:
+      out, _ = p.communicate(timeout=150)
+      outputs.append(out)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out}"
+  for what in ("params", "exported"):
+    digests = [re.search(rf"process {i} {what} sha256 ([0-9a-f]{{64}})",
+                         out).group(1) for i, out in enumerate(outputs)]
+    assert digests[0] == digests[1], what
+  assert "batch renorm: plain for 1 steps" in outputs[0]
+  assert "recalibrated batch norm (pooled over the 1437 training images, " \
+      "weight EMA" in outputs[0]
+  (record,) = reporting.read_metrics(workdir)
+  assert 0.3 < record["recalibrated_test_accuracy"] == record[
+      "final_test_accuracy"]
+  assert os.path.exists(os.path.join(workdir, "model.jax"))
 
 
 @pytest.mark.parametrize("victim", [1, 0])
