@@ -54,8 +54,8 @@ def run(config: configs.Config, workdir: str | None) -> train.TrainResult:
     what = [w for k, w in (("ema_test_accuracy", "weight EMA"),
                            ("recalibrated_test_accuracy", "recalibrated"))
             if k in last]
-    exported = (f" ({', '.join(what)}: {100 * last['final_test_accuracy']:.2f}%)"
-                if what else "")
+    exported = (f" ({', '.join(what)}: "
+                f"{100 * last['final_test_accuracy']:.2f}%)" if what else "")
     print(f"test accuracy {100 * last['test_accuracy']:.2f}%{exported} after "
           f"epoch {last['epoch']}; {time.perf_counter() - t0:.1f} s")
   me = jax.process_index()

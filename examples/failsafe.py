@@ -1,12 +1,13 @@
 """What a valid training state is, and what the loop does with a bad step.
 
 A state is valid when every float in its parameters, ``batch_stats``, weight
-EMA (``ema_params``, ``--weight-ema``) and optimizer state is finite and every running variance (a ``batch_stats``
-leaf named ``var``) is >= 0. ``train_step`` computes :func:`state_ok` for the
-state it produced and keeps the old state if that one (or the loss) is not
-valid; :class:`BadSteps` counts such steps on the host and stops the run
-once there are more than ``--max-bad-steps``. A restored checkpoint is
-checked with :func:`state_problems`.
+EMA (``ema_params``, ``--weight-ema``) and optimizer state is finite and
+every running variance (a ``batch_stats`` leaf named ``var``) is >= 0.
+``train_step`` computes :func:`state_ok` for the state it produced and keeps
+the old state if that one (or the loss) is not valid; :class:`BadSteps`
+counts such steps on the host and stops the run once there are more than
+``--max-bad-steps``. A restored checkpoint is checked with
+:func:`state_problems`.
 """
 
 from __future__ import annotations

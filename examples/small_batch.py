@@ -8,8 +8,9 @@ global batch) for each row and seed, then writes a Markdown table of the
 test accuracy, mean +- sample std over the seeds, with the running
 statistics of the run and after ``--recalibrate pooled`` (the trainer's
 default), and the mean training loss of the last epoch (train-mode batch
-norm, the loss the optimizer saw), to ``<workdir>/small_batch.md`` (with the command and the runtime),
-prints it, and writes every run's numbers to ``<workdir>/small_batch.json``.
+norm, the loss the optimizer saw), to ``<workdir>/small_batch.md`` (with
+the command and the runtime), prints it, and writes every run's numbers to
+``<workdir>/small_batch.json``.
 
 A row is ``BATCH:MODE``: ``batchnorm``, ``renorm`` (``jbn.renorm_clip``'s
 schedule at the trainer's defaults: plain for the first 10% of the steps,

@@ -9,19 +9,21 @@ of a replicated parameter comes out already summed over the axis, so the sum
 of the shares gives exactly the gradient of the global mean, the same as on
 one device.
 
-Batch norm modes (``--bn``): plain, batch renormalization (the clipping
-schedule ``jbn.renorm_clip`` is evaluated at the traced ``state.step`` inside
-``train_step`` and passed per call down to every batch norm: one compiled
-step serves the whole run) or ghost batch norm (``Norm.ghost_batch_size``).
+Batch norm modes (``--bn``, ``bn_modes.py``): plain, batch renormalization
+(the clipping schedule ``jbn.renorm_clip`` is evaluated at the traced
+``state.step`` inside ``train_step`` and passed per call down to every batch
+norm: one compiled step serves the whole run) or ghost batch norm
+(``Norm.ghost_batch_size``).
 With ``--weight-ema`` the state also carries an EMA of the parameters. After
 the last epoch, ``recalibration.finish`` evaluates the EMA and recalibrates
 the running statistics; the export uses what it returns.
 
 Fail safe (``failsafe.py``): a step whose loss, or whose new parameters,
-``batch_stats``, weight EMA or optimizer state, are not finite (or whose running variance
-is negative) is not applied. The run then stops (``TrainingStopped``, exit
-3) unless ``config.max_bad_steps`` allows skipping it; the last checkpoint is
-kept and nothing is exported. A restored state is checked the same way.
+``batch_stats``, weight EMA or optimizer state, are not finite (or whose
+running variance is negative) is not applied. The run then stops
+(``TrainingStopped``, exit 3) unless ``config.max_bad_steps`` allows skipping
+it; the last checkpoint is kept and nothing is exported. A restored state
+is checked the same way.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import optax
 from flax.training import train_state
 
 import jbn
+from examples import bn_modes
 from examples import checkpoint
 from examples import configs
 from examples import data as data_lib
@@ -87,8 +90,7 @@ def create_model(config: configs.Config, dataset: data_lib.Dataset, *,
   norm = models.Norm(
       use_bn=config.use_bn, momentum=config.bn_momentum,
       epsilon=config.bn_epsilon, axis_name=axis_name,
-      ghost_batch_size=(config.ghost_batch_size if config.bn_mode == "ghost"
-                        else None))
+      ghost_batch_size=bn_modes.ghost_batch_size(config))
   common = dict(num_classes=dataset.num_classes, mean=tuple(mean.tolist()),
                 std=tuple(std.tolist()), norm=norm)
   if config.model == "mlp":
@@ -118,75 +120,6 @@ def create_optimizer(config: configs.Config, steps_per_epoch: int
                        mask=jbn.decay_mask)
   raise errors.UsageError(f"unknown optimizer {config.optimizer!r}; expected "
                           f"sgd or adamw.")
-
-
-def check_bn_mode(config: configs.Config, devices: int) -> None:
-  """Raises UsageError for ``--bn`` settings that cannot work.
-
-  A ghost batch must divide each device's share of the batch (ghost batches
-  never span devices).
-  """
-  per_device = config.batch_size // devices
-  if config.bn_mode != "batchnorm" and not config.use_bn:
-    raise errors.UsageError(f"--bn {config.bn_mode} needs batch norm: drop "
-                            f"--no-bn.")
-  if config.bn_mode != "ghost" and config.ghost_batch_size is not None:
-    raise errors.UsageError("--ghost-batch-size is for --bn ghost.")
-  if config.bn_mode != "renorm":
-    given = [f"--{n.replace('_', '-')}" for n, f in configs.FIELDS.items()
-             if n.startswith("renorm_") and getattr(config, n) != f.default]
-    if given:
-      raise errors.UsageError(f"{', '.join(given)}: for --bn renorm.")
-  if config.bn_mode != "ghost":
-    return
-  ghost = config.ghost_batch_size
-  if ghost is None:
-    raise errors.UsageError(
-        f"--bn ghost needs --ghost-batch-size N: examples per ghost batch, "
-        f"a divisor of the per-device batch ({per_device} = --batch-size "
-        f"{config.batch_size} / {devices} device(s)).")
-  if ghost < 1 or per_device % ghost:
-    raise errors.UsageError(
-        f"--ghost-batch-size {ghost} must divide the per-device batch "
-        f"{per_device} (--batch-size {config.batch_size} over {devices} "
-        f"device(s)): each device splits its own share into ghost batches.")
-  if ghost < 2 and config.model == "mlp":
-    raise errors.UsageError(
-        "--ghost-batch-size 1: the MLP's batch norm would see one value per "
-        "feature (output = bias); use 2 or more.")
-
-
-def renorm_schedule(config: configs.Config, total_steps: int
-                    ) -> Callable[[jax.Array], jbn.RenormClip] | None:
-  """``step -> jbn.RenormClip`` for ``--bn renorm`` (None otherwise).
-
-  ``jbn.renorm_clip`` with the ``--renorm-*`` flags; the step flags default
-  to 10% (plain batch norm), 80% (``rmax`` reached) and 50% (``dmax``
-  reached) of ``total_steps``, the proportions of the paper's 5k/40k/25k.
-
-  Raises:
-    UsageError: bounds or steps out of order.
-  """
-  if config.bn_mode != "renorm":
-    return None
-  warmup = config.renorm_warmup_steps
-  warmup = round(0.1 * total_steps) if warmup is None else warmup
-  default = lambda steps, fraction: (  # noqa: E731
-      max(round(fraction * total_steps), warmup) if steps is None else steps)
-  rmax_steps = default(config.renorm_rmax_steps, 0.8)
-  dmax_steps = default(config.renorm_dmax_steps, 0.5)
-  if not (config.renorm_rmax >= 1 and config.renorm_dmax >= 0):
-    raise errors.UsageError(
-        f"--renorm-rmax {config.renorm_rmax} must be >= 1 and --renorm-dmax "
-        f"{config.renorm_dmax} >= 0 (1 and 0: plain batch norm).")
-  if not 0 <= warmup <= min(rmax_steps, dmax_steps):
-    raise errors.UsageError(
-        f"--renorm-warmup-steps {warmup} must be >= 0 and at most "
-        f"--renorm-rmax-steps ({rmax_steps}) and --renorm-dmax-steps "
-        f"({dmax_steps}); the run has {total_steps} steps.")
-  return functools.partial(
-      jbn.renorm_clip, warmup_steps=warmup, rmax=config.renorm_rmax,
-      dmax=config.renorm_dmax, rmax_steps=rmax_steps, dmax_steps=dmax_steps)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -240,7 +173,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
     rng: replicated raw PRNG key data (``augment`` only).
     global_batch: examples per step over all devices.
     augment: random crops and flips.
-    renorm: batch renormalization's schedule (:func:`renorm_schedule`),
+    renorm: batch renormalization's schedule (``bn_modes.renorm_schedule``),
       called on the traced ``state.step``; the clip goes to every batch norm
       of the model per call.
     weight_ema: decay of the EMA of the parameters (``state.ema_params``),
@@ -315,19 +248,6 @@ def evaluate(state: TrainState, dataset: data_lib.Dataset, p_eval: Callable,
   totals = parallel.to_host(jax.tree.map(lambda *x: sum(x), *totals))
   return {"test_loss": float(totals["loss"] / totals["count"]),
           "test_accuracy": float(totals["correct"] / totals["count"])}
-
-
-def _describe_bn(config: configs.Config, renorm) -> str:
-  if not config.use_bn:
-    return "without batch norm"
-  if config.bn_mode == "ghost":
-    return f"ghost batch norm, ghost batches of {config.ghost_batch_size}"
-  if renorm is not None:
-    k = renorm.keywords
-    return (f"batch renorm: plain for {k['warmup_steps']} steps, then rmax "
-            f"-> {k['rmax']:g} by step {k['rmax_steps']}, dmax -> "
-            f"{k['dmax']:g} by step {k['dmax_steps']}")
-  return "with batch norm"
 
 
 @dataclasses.dataclass
@@ -426,11 +346,12 @@ def train_and_evaluate(config: configs.Config, workdir: str) -> TrainResult:
     if steps_per_epoch == 0:
       raise errors.UsageError(f"--batch-size {config.batch_size} is larger "
                               f"than the {n_train} training examples.")
-    check_bn_mode(config, n_dev)
+    bn_modes.check(config, n_dev)
     if not 0 <= config.weight_ema < 1:
       raise errors.UsageError(f"--weight-ema {config.weight_ema}: a decay in "
                               f"[0, 1) (0: off).")
-    renorm = renorm_schedule(config, config.epochs * steps_per_epoch)
+    renorm = bn_modes.renorm_schedule(config,
+                                      config.epochs * steps_per_epoch)
     eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
     model = create_model(config, dataset)
     tx = create_optimizer(config, steps_per_epoch)
@@ -471,7 +392,7 @@ def train_and_evaluate(config: configs.Config, workdir: str) -> TrainResult:
     log(f"data: {dataset.source}")
     log(f"{dataset.name}: {n_train} train / {len(dataset.test_images)} test "
         f"images {dataset.image_shape}; {config.model} "
-        f"({_describe_bn(config, renorm)}); "
+        f"({bn_modes.describe(config, renorm)}); "
         f"{n_dev} device(s) in {jax.process_count()} process(es), global "
         f"batch {config.batch_size} = {config.batch_size // n_dev} per "
         f"device; {steps_per_epoch} steps/epoch; workdir {workdir}")

@@ -18,12 +18,13 @@ from examples import mnist
 from examples import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A small, quick run: 11 steps of 128 (32 per device on 4 devices).
+# A small, quick run: 11 steps of 128 (32 per device on 4 devices), no
+# recalibration after training (its own tests, and `mnist_run`, ask for it).
 TINY = ["--epochs", "1", "--batch-size", "128", "--hidden", "32",
-        "--warmup-epochs", "0.2", "--no-progress"]
+        "--warmup-epochs", "0.2", "--no-progress", "--recalibrate", "none"]
 TINY_CONFIG = dataclasses.replace(
     mnist.DEFAULTS, hidden=(32,), batch_size=128, epochs=2, progress=False,
-    quiet=True, checkpoint_every=0)
+    quiet=True, checkpoint_every=0, recalibrate="none")
 
 
 def subprocess_env():

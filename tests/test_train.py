@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import jbn
+from examples import bn_modes
 from examples import cifar
 from examples import data
 from examples import errors
@@ -212,33 +213,27 @@ def renorm_run(tmp_path_factory):
 
 def test_renorm_trains_with_one_compiled_step(renorm_run):
   _, result, traces = renorm_run
-  assert result.mesh.size == 4 and int(parallel.to_host(result.state.step)) == 22
+  assert result.mesh.size == 4
+  assert int(parallel.to_host(result.state.step)) == 22
   assert traces == 1  # 22 steps, the clip changing with the step: 1 trace
   assert all(np.isfinite(r["train_loss"]) for r in result.history)
   assert result.history[-1]["test_accuracy"] > 0.5
 
 
-def test_renorm_clip_schedule_reaches_every_batch_norm(monkeypatch):
+def test_renorm_clip_schedule_reaches_every_batch_norm(one_device_step,
+                                                     monkeypatch):
   """Step 0 (warm-up: RenormClip(1, 0)) is bit-identical to plain batch
   norm; past the warm-up the step differs; one trace serves both steps."""
-  config = dataclasses.replace(RENORM, batch_size=8, devices=1)
-  dataset = data.load_dataset(config)
-  mesh = parallel.make_mesh(1)
-  model = train.create_model(config, dataset)
-  tx = train.create_optimizer(config, steps_per_epoch=10)
-  state = jax.jit(functools.partial(
-      train.create_train_state, model, tx, dataset.image_shape))(
-          jax.random.key(0, impl=train.PRNG_IMPL))
-  schedule = train.renorm_schedule(config, total_steps=20)
+  state, p_plain, images, labels = one_device_step
+  schedule = bn_modes.renorm_schedule(
+      dataclasses.replace(TINY_CONFIG, bn_mode="renorm"), total_steps=20)
   assert schedule.keywords == dict(warmup_steps=2, rmax=3.0, dmax=5.0,
                                    rmax_steps=16, dmax_steps=10)
   calls = []
   _counting(monkeypatch, calls)
-  steps = {name: parallel.shard_steps(functools.partial(
-      train.train_step, global_batch=8, renorm=renorm), train.eval_step,
-                                      mesh)[0]
-           for name, renorm in (("plain", None), ("renorm", schedule))}
-  images, labels = dataset.train_images[:8], dataset.train_labels[:8]
+  steps = {"plain": p_plain, "renorm": parallel.shard_steps(
+      functools.partial(train.train_step, global_batch=8, renorm=schedule),
+      train.eval_step, parallel.make_mesh(1))[0]}
   rng = jnp.zeros((4,), jnp.uint32)
 
   def step(name, at):
@@ -255,7 +250,7 @@ def test_renorm_clip_schedule_reaches_every_batch_norm(monkeypatch):
   gradients = lambda o: jax.tree.leaves(o)[:-1]  # noqa: E731  (not count)
   assert not all(np.allclose(a, b) for a, b in zip(gradients(opt_state),
                                                    gradients(plain[1])))
-  assert len(calls) == 2  # plain once, renorm once (steps 0 and 20)
+  assert len(calls) == 1  # renorm: one trace for steps 0 and 20
 
   # Every batch norm gets the clip, in the MLP and in the ResNet.
   seen = []
@@ -270,8 +265,8 @@ def test_renorm_clip_schedule_reaches_every_batch_norm(monkeypatch):
   resnet = train.create_model(
       dataclasses.replace(cifar.DEFAULTS, width=4, stage_sizes=(1, 1)),
       data.synthetic_images(train_size=2, test_size=2), axis_name=None)
-  for net, shape in ((model.clone(norm=dataclasses.replace(
-      model.norm, axis_name=None)), (4, 8, 8, 1)), (resnet, (4, 32, 32, 3))):
+  mlp = train.create_model(RENORM, data.load_dataset(RENORM), axis_name=None)
+  for net, shape in ((mlp, (4, 8, 8, 1)), (resnet, (4, 32, 32, 3))):
     x = jnp.zeros(shape)
     variables = jax.eval_shape(functools.partial(net.init, train=False),
                                jax.random.key(0), x)
