@@ -69,9 +69,9 @@ def var_tolerance(stats: reference.ValidStats, shift_dist=0.0):
   * the reference is the float64 two-pass variance of the float32 (or
     bfloat16/float16) data, so the data's own quantization is no error.
 
-  Measured on 6,900 features of 2,000 random examples of the properties
-  below (float32, bf16, f16): the largest |error| / bound was 0.24 (a 4x
-  margin). Both terms are needed: without ``2 + sqrt(n)`` the ratio reaches
+  Measured on ~2,500 random problems of the properties below (float32,
+  bf16, f16, every mask kind; one device and 4 devices, both sync modes):
+  the largest |error| / bound was 0.25 (a 4x margin). Both terms are needed: without ``2 + sqrt(n)`` the ratio reaches
   1.03 (at n = 375: summation error), and without ``D^2`` it reaches 14.7
   (a masked feature whose shift is a single valid value 3 std out).
   """
@@ -232,7 +232,7 @@ def make_problem(seed, kind, *, dtype=np.float32, max_offset_exp=6.0,
   if len(feat) == 1 and rng.uniform() < 0.7:
     axis = feat[0] - rank if rng.uniform() < 0.5 else feat[0]
   else:
-    axis = tuple(feat)
+    axis = tuple(a - rank if rng.uniform() < 0.3 else a for a in feat)
 
   fshape = tuple(shape[a] for a in feat)
   bshape = tuple(shape[a] if a in feat else 1 for a in range(rank))
