@@ -1,6 +1,6 @@
 """Small batches: plain batch norm vs batch renorm vs ghost batch norm vs none.
 
-    python examples/small_batch.py       # about 3 minutes on a 2-core CPU
+    python examples/small_batch.py       # about 2.5 minutes on a 2-core CPU
 
 Trains the MNIST example's MLP (512-512) on scikit-learn's digits with the
 trainer of ``mnist.py`` (one device, so a ghost batch is a slice of the
