@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.training import train_state
 
 import jbn
 from examples import bn_modes
+from examples import checkpoint
 from examples import cifar
 from examples import data
 from examples import errors
@@ -421,3 +423,27 @@ def test_state_problems_include_the_weight_ema(one_device_step):
   assert failsafe.state_problems(bad) == [
       "ema_params/hidden0/bn/scale (1 of 32 values not finite)"]
   assert not bool(jax.jit(failsafe.state_ok)(bad)["ema_params"])
+
+
+def test_checkpoint_from_before_the_weight_ema_restores(one_device_step,
+                                                        tmp_path):
+  """A TrainState without `ema_params` (checkpoints written before
+  --weight-ema existed) restores into today's state, `ema_params` empty."""
+  class OldTrainState(train_state.TrainState):
+    batch_stats: dict = None
+
+  state = one_device_step[0]
+  old = OldTrainState(step=state.step, apply_fn=state.apply_fn,
+                      params=state.params, tx=state.tx,
+                      opt_state=state.opt_state, batch_stats=state.batch_stats)
+  rng = jnp.zeros((4,), jnp.uint32)
+  config = dataclasses.replace(TINY_CONFIG, batch_size=8)
+  ckpts = checkpoint.Checkpoints(str(tmp_path), config)
+  ckpts.save(1, old, rng, [], 0)
+  ckpts.wait()
+  restored = ckpts.restore(state, rng)
+  ckpts.close()
+  assert isinstance(restored.state, train.TrainState)
+  assert restored.state.ema_params == {}
+  jax.tree.map(np.testing.assert_array_equal, parallel.to_host(
+      restored.state.params), parallel.to_host(state.params))
