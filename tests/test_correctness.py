@@ -190,9 +190,10 @@ def test_per_feature_mask_shift_across_devices(mesh, sync):
 #
 # Hypothesis draws a seed per example and NumPy builds the problem from it:
 # with a handful of examples per run (each one compiles), hypothesis's own
-# shape and float strategies stay near their simplest values (rank 1, no
-# feature axis, offset 1), which would hide the bugs. The mask kind is a
-# pytest parameter, so every kind is exercised on every run.
+# shape and float strategies stay near their simplest values (its first
+# example is all zeros: rank 1, no feature axis, offset 1), which would hide
+# the bugs. The mask kind is a pytest parameter, so every kind is exercised
+# on every run, each from its own random stream.
 
 MASK_KINDS = (
     "none",
@@ -207,24 +208,29 @@ MASK_KINDS = (
 POISONS = (None, np.nan, np.inf, -np.inf)
 
 
-def make_problem(seed, kind, *, dtype=np.float32, max_offset_exp=6.0,
-                 sharded=False):
-  """``(x, axis, mask)``: x = offset + scale * N(0, 1), rounded to ``dtype``.
+def make_problem(seed, kind, *, low_precision=False, sharded=False):
+  """``(x, axis, mask)``: x = offset + scale * N(0, 1), rounded to a dtype.
 
   Rank 1-4 (leading axis up to 16, others up to 5), 0-2 feature axes given
-  as an int (maybe negative) or a tuple, offsets 0 or +-10**[0,
-  max_offset_exp] and scales 10**[-3, 3], jittered per feature; a mask of
-  ``kind`` with density 0.15-1, its masked-out values maybe poisoned with
-  nan or +-inf (they must not matter). With ``sharded`` the leading axis is
-  a reduced axis of 4 * k rows (k per device).
+  as an int (maybe negative) or a tuple, offsets 0 or +-10**[0, 6] and
+  scales 10**[-3, 3], jittered per feature; a mask of ``kind`` with density
+  0.15-1, its masked-out values maybe poisoned with nan or +-inf (they must
+  not matter). float32, or with ``low_precision`` 40% bfloat16 or float16
+  (offsets up to 2e4 for float16, whose largest value is 65504). With
+  ``sharded`` the leading axis is a reduced axis of 4 * k rows (k per
+  device).
   """
   rng = np.random.default_rng([seed, MASK_KINDS.index(kind)])
+  dtype = np.float32
+  if low_precision and rng.uniform() < 0.4:
+    dtype = (jnp.bfloat16, jnp.float16)[rng.integers(2)]
+  max_offset_exp = 4.3 if dtype == jnp.float16 else 6.0
   rank = int(rng.integers(1, 5))
   shape = [int(rng.integers(1, 6)) for _ in range(rank)]
   shape[0] = (N_DEV * int(rng.integers(1, 5)) if sharded
               else int(rng.integers(1, 17)))
   candidates = list(range(1 if sharded else 0, rank))
-  n_feat = min(int(rng.integers(0, 3)), len(candidates), rank - 1)
+  n_feat = min(int(rng.choice([0, 1, 1, 2, 2])), len(candidates), rank - 1)
   feat = sorted(int(a) for a in rng.choice(candidates, n_feat, replace=False))
   red = [a for a in range(rank) if a not in feat]
   if not sharded and math.prod(shape[a] for a in red) < 2:
@@ -262,6 +268,11 @@ def make_problem(seed, kind, *, dtype=np.float32, max_offset_exp=6.0,
     return x, axis, None
   density = 0.0 if kind == "all_false" else rng.choice([0.15, 0.5, 0.9, 1.0])
   mask = rng.uniform(size=mshape) < density
+  if kind in ("per_element", "broadcast") and rng.uniform() < 0.5:
+    # The issue's pattern: the first valid row differs per feature (a
+    # leading block masked out in some positions only).
+    lead = int(rng.integers(1, 4))
+    mask[:lead] &= rng.uniform(size=mshape[1:]) < 0.5
   poison = POISONS[rng.integers(len(POISONS))]
   if poison is not None:
     x = np.where(reference.full_mask(mask, shape, axis), x,
@@ -302,19 +313,15 @@ def _check_one_device(x, axis, mask):
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @_settings(2)
-@given(seed=SEEDS, dtype=st.sampled_from([np.float32, jnp.bfloat16,
-                                          jnp.float16]))
-def test_masked_variance_within_float32_bound_property(kind, seed, dtype):
+@given(seed=SEEDS)
+def test_masked_variance_within_float32_bound_property(kind, seed):
   """Point 1 on one device: any shape, axis, mask, offset 0..1e6.
 
   bf16 / f16 x: the statistics are those of the rounded data, computed in
   float32, so the reference is the float64 variance of the bf16/f16 values
-  themselves and the bound the float32 one (f16 offsets stay below 2e4 so
-  that x < 65504).
+  themselves and the bound the float32 one.
   """
-  _check_one_device(*make_problem(
-      seed, kind, dtype=dtype,
-      max_offset_exp=4.3 if dtype == jnp.float16 else 6.0))
+  _check_one_device(*make_problem(seed, kind, low_precision=True))
 
 
 def _check_sharded(mesh, x, axis, mask, k):
@@ -362,9 +369,8 @@ def _check_sharded(mesh, x, axis, mask, k):
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @_settings(1)
-@given(seed=SEEDS, k=st.floats(-2, 2))
-def test_sync_modes_variance_within_float32_bound_property(mesh, kind, seed,
-                                                           k):
+@given(seed=SEEDS)
+def test_sync_modes_variance_within_float32_bound_property(mesh, kind, seed):
   """Point 1 on 4 devices with unequal per-device masks, both sync modes.
 
   psum shifts every device by the running mean (a documented trade-off:
@@ -372,6 +378,7 @@ def test_sync_modes_variance_within_float32_bound_property(mesh, kind, seed,
   the larger of the spread and |running mean - mean|; gather must be
   accurate from a fresh state.
   """
+  k = np.random.default_rng([seed, 99]).uniform(-2, 2)
   _check_sharded(mesh, *make_problem(seed, kind, sharded=True), k)
 
 
