@@ -317,22 +317,6 @@ def _concrete(value):
     return None
 
 
-def _check_x(x) -> Array:
-  x = jnp.asarray(x)
-  if jnp.issubdtype(x.dtype, jnp.complexfloating):
-    raise TypeError(
-        f"batch_norm expects a real floating-point x, got dtype {x.dtype}. "
-        f"Complex inputs are not supported (Flax normalizes them with a "
-        f"complex running mean and the variance of |x - mean|); normalize "
-        f"the real and imaginary parts as separate features instead, e.g. "
-        f"jnp.concatenate([x.real, x.imag], axis=-1).")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(
-        f"batch_norm expects a floating-point x, got dtype {x.dtype}; cast it "
-        f"first, e.g. x.astype(jnp.float32).")
-  return x
-
-
 def _check_train(train):
   if not (isinstance(train, (bool, np.bool_))
           or (hasattr(train, "dtype") and jnp.ndim(train) == 0
@@ -411,7 +395,7 @@ def _prepare(params, state, x, train, *, axis, momentum, epsilon, axis_name,
              axis_index_groups, mask, dtype, sync, renorm,
              ghost_batch_size) -> _Call:
   """Checks every argument (at trace time) and builds the call's config."""
-  x = _check_x(x)
+  x = _layout.check_x(x, "batch_norm")
   _check_train(train)
   lay = _layout.layout(x.shape, axis)
   _check_trees(params, state, x, lay, axis)
@@ -568,7 +552,9 @@ def _tangent(cfg, x, mask, coef, count, tx, tscale, tbias):
         [jnp.sum(p, cfg.red_axes, keepdims=True) for p in parts],
         cfg.axis_name, cfg.axis_index_groups)
     tmean, tvar = r1 / n, 2 * r2 / n
-    du = -coef.a * coef.inv * coef.inv * r2 / n
+    # inv * (inv * R2/n) first: a * inv * inv overflows for a constant
+    # feature at a tiny epsilon, where R2 = 0 (inf * 0 = nan).
+    du = -coef.a * (coef.inv * (coef.inv * (r2 / n)))
     # a * (t - mean(t)) as a * t - mean(a * t): transposed, the cotangent is
     # centred before it is scaled (a * (g - mean(g))), which is exact where
     # g is constant, and mean(g) is the same reduction as dbias.

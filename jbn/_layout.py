@@ -26,6 +26,23 @@ class Layout(NamedTuple):
   bshape: tuple[int, ...]  # feature sizes on feature axes, 1 elsewhere
 
 
+def check_x(x, what: str) -> Array:
+  """``x`` as an array of a real floating dtype, or a clear ``TypeError``."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise TypeError(
+        f"{what} expects a real floating-point x, got dtype {x.dtype}. "
+        f"Complex inputs are not supported (Flax normalizes them with a "
+        f"complex running mean and the variance of |x - mean|); normalize "
+        f"the real and imaginary parts as separate features instead, e.g. "
+        f"jnp.concatenate([x.real, x.imag], axis=-1).")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f"{what} expects a floating-point x, got dtype {x.dtype}; cast it "
+        f"first, e.g. x.astype(jnp.float32).")
+  return x
+
+
 def as_shape(value, name) -> tuple[int, ...]:
   """``value`` (an int or a tuple of ints) as a shape tuple, or a clear error."""
   if isinstance(value, numbers.Integral):

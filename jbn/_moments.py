@@ -344,8 +344,7 @@ def moments(x: Array, *, axis=-1, mask: Array | None = None, axis_name=None,
     >>> mean.round(4), var.round(4)
     (Array([8.25], dtype=float32), Array([24.9375], dtype=float32))
   """
-  x = jnp.asarray(x)
-  _check_floating(x, "moments")
+  x = _layout.check_x(x, "moments")
   lay = _layout.layout(x.shape, axis)
   mask = _layout.prepare_mask(mask, x.shape, lay)
   if axis_name is not None:
@@ -400,10 +399,3 @@ def moments_mean_var(m: Moments) -> tuple[Array, Array]:
     (Array([2.], dtype=float32), Array([1.], dtype=float32))
   """
   return mean_var(Moments(*m))
-
-
-def _check_floating(x, what):
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(
-        f"{what} expects a floating-point x, got dtype {x.dtype}; cast it "
-        f"first, e.g. x.astype(jnp.float32).")
