@@ -570,8 +570,9 @@ def _tangent(cfg, x, mask, coef, count, tx, tscale, tbias):
     du = zeros if du is None else jnp.broadcast_to(du, zeros.shape)
     dv = zeros if dv is None else jnp.broadcast_to(dv, zeros.shape)
     # One cast to "varying" for both vectors: its transpose is the
-    # backward's ONE all-reduce inside shard_map.
-    uv = _parallel.to_varying(jnp.stack([du, dv]), like=x)
+    # backward's ONE all-reduce inside shard_map (elsewhere: no cast, and no
+    # stack, whose transpose would be two more small kernels).
+    uv = _parallel.to_varying([du, dv], like=x)
     if mask is not None:
       # A masked-out nan/inf value has no say in the parameters' tangents.
       xc_q = jnp.where(mask | jnp.isfinite(xc_q), xc_q, 0)

@@ -49,17 +49,22 @@ def varying_axes(value) -> frozenset:
   return frozenset(getattr(aval, "vma", ()))
 
 
-def to_varying(value, like):
-  """``value`` cast to vary along every mesh axis ``like`` varies along.
+def to_varying(values: Sequence[jax.Array], like) -> Sequence[jax.Array]:
+  """``values`` (arrays of one shape) cast to vary wherever ``like`` varies.
 
   Needed once for the per-feature vectors that multiply a varying activation:
-  the transpose of this cast is the backward's one all-reduce. Outside
-  ``shard_map`` (no varying types) it is the identity.
+  the arrays are stacked and cast together, so the transpose of the cast is
+  the backward's ONE all-reduce. Outside ``shard_map`` (no varying types), or
+  when they all vary already, they come back as they are.
   """
-  missing = tuple(sorted(varying_axes(like) - varying_axes(value)))
-  if not missing:
-    return value
-  return lax.pcast(value, missing, to="varying")
+  want = varying_axes(like)
+  if all(want <= varying_axes(v) for v in values):
+    return values
+  stacked = jnp.stack(values)  # varies along the union of their axes
+  missing = tuple(sorted(want - varying_axes(stacked)))
+  if missing:
+    stacked = lax.pcast(stacked, missing, to="varying")
+  return [stacked[i] for i in range(len(values))]
 
 
 def all_reduce_sum(arrays: Sequence[jax.Array], axis_name, axis_index_groups):
