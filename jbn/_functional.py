@@ -234,10 +234,7 @@ def batch_norm(params: Mapping[str, Array], state: Mapping[str, Array],
   def train_branch():
     _check_one_value(call, axis_name, axis_index_groups)
     x, msk = call.x, call.mask
-    view_shape = lay.bshape
-    if call.ghost is not None:
-      x, msk, _ = _modes.ghost_view(x, msk, lay.red_axes, call.ghost)
-      view_shape = (1,) + lay.bshape
+    view_shape = lay.bshape if call.ghost is None else (1,) + lay.bshape
     # The running mean shifts the psum-synced sums: the one per-feature
     # value every device holds without talking (finite even if damaged).
     shift = jnp.where(jnp.isfinite(mean), mean, 0).reshape(view_shape)
@@ -247,7 +244,6 @@ def batch_norm(params: Mapping[str, Array], state: Mapping[str, Array],
                        if call.renorm is not None else None)}
     fit = (lambda v: None if v is None else v.reshape(view_shape))
     y, bmean, bvar, count = _train(cfg, x, fit(scale), fit(bias), msk, aux)
-    y = y.reshape(call.x.shape)
     bmean, bvar, count = (lax.stop_gradient(v) for v in (bmean, bvar, count))
     if call.ghost is not None:
       bmean, bvar, count = _modes.combine_groups(
@@ -295,6 +291,7 @@ class _Config(NamedTuple):
   sync_shift: bool  # the statistics shift by the running mean (psum sync)
   sdt: Any
   out_dtype: Any
+  ghost: int | None  # ghost batch size: x is split into groups (a view)
 
 
 class _Call(NamedTuple):
@@ -415,7 +412,8 @@ def _prepare(params, state, x, train, *, axis, momentum, epsilon, axis_name,
       epsilon=float(eps), axis_name=None if local else axis_name,
       axis_index_groups=None if local else groups, sync=sync,
       sync_shift=not local and axis_name is not None and sync == "psum",
-      sdt=sdt, out_dtype=jnp.dtype(dtype) if dtype is not None else x.dtype)
+      sdt=sdt, out_dtype=jnp.dtype(dtype) if dtype is not None else x.dtype,
+      ghost=ghost)
   return _Call(cfg=cfg, layout=lay, x=x, mask=mask, ghost=ghost,
                renorm=renorm, groups=groups, axis=axis)
 
@@ -485,17 +483,29 @@ def _train(cfg, x, scale, bias, mask, aux):
   return out
 
 
+def _view(cfg):
+  """The view the statistics are taken on: ghost groups, or ``x`` itself.
+
+  Applied after the CPU barriers (where a reshape stays free); everything
+  that crosses a barrier keeps ``x``'s own shape.
+  """
+  if cfg.ghost is None:
+    return lambda a: a
+  return functools.partial(_modes.ghost_split, ghost_batch_size=cfg.ghost)
+
+
 def _train_primal(cfg, x, scale, bias, mask, aux):
+  view = _view(cfg)
   m = _moments.batch_moments(
       x, cfg.red_axes, mask=mask, axis_name=cfg.axis_name,
       axis_index_groups=cfg.axis_index_groups, sync=cfg.sync,
-      common_shift=aux["shift"])
+      common_shift=aux["shift"], view=view)
   mean, var = _moments.mean_var(m)
   coef = _modes.coefficients(mean, var, m.count, scale, bias,
                              epsilon=cfg.epsilon, renorm=aux["clip"],
                              running=aux["running"])
-  y = _apply(x, coef.center, coef.a, coef.b, cfg.out_dtype)
-  return (y, mean, var, m.count), coef
+  y = _apply(view(x), coef.center, coef.a, coef.b, cfg.out_dtype)
+  return (y.reshape(x.shape), mean, var, m.count), coef
 
 
 def _nonzero(tangent):
@@ -534,15 +544,17 @@ def _tangent(cfg, x, mask, coef, count, tx, tscale, tbias):
   with an ``axis_name``, and one elementwise pass for ``dx``.
   """
   sdt = cfg.sdt
+  view = _view(cfg)
   n = jnp.maximum(count, 1)
-  xc_r, xc_q = _cpu.private_map(lambda x, c: x.astype(sdt) - c,
+  xc_r, xc_q = _cpu.private_map(lambda x, c: view(x).astype(sdt) - c,
                                 (x, coef.center), 2)
+  shape, x, mask = x.shape, view(x), view(mask)
   zeros = jnp.zeros_like(coef.center)
   tmean = tvar = zeros
   du = dv = None
   terms = []
   if tx is not None:
-    t = tx.astype(sdt)
+    t = view(tx).astype(sdt)
     q = coef.a * t
     parts = [t, q, t * xc_r]
     if mask is not None:
@@ -578,9 +590,11 @@ def _tangent(cfg, x, mask, coef, count, tx, tscale, tbias):
       xc_q = jnp.where(mask | jnp.isfinite(xc_q), xc_q, 0)
     terms += [xc_q * uv[0], jnp.broadcast_to(uv[1], x.shape)]
   if not terms:
-    ty = jnp.zeros(x.shape, cfg.out_dtype)
+    ty = jnp.zeros(shape, cfg.out_dtype)
   else:
-    ty = _cpu.fan_in(terms, cfg.out_dtype)
+    # In x's own shape: transposed, the barriers then see the cotangent as
+    # it comes, and each consumer takes its view after them.
+    ty = _cpu.fan_in([t.reshape(shape) for t in terms], cfg.out_dtype)
   return ty, tmean, tvar
 
 

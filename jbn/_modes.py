@@ -208,23 +208,22 @@ def check_ghost(ghost_batch_size, shape, lay: _layout.Layout, axis_name):
 
 
 def ghost_red_axes(red_axes: tuple[int, ...]) -> tuple[int, ...]:
-  """The reduced axes of :func:`ghost_view`'s ``x``: all but groups, features."""
+  """The reduced axes of a :func:`ghost_split` ``x``: all but groups, features."""
   return (1,) + tuple(a + 1 for a in red_axes if a != 0)
 
 
-def ghost_view(x: Array, mask: Array | None, red_axes: tuple[int, ...],
-               ghost_batch_size: int):
-  """``x`` (and ``mask``) with the batch axis split into ``(groups, size)``.
+def ghost_split(a: Array | None, ghost_batch_size: int) -> Array | None:
+  """``a`` (``x``, or a mask of its rank) with axis 0 split into groups.
 
-  The group axis (0) is kept like a feature axis: moments over the returned
-  ``red_axes`` are per group.
+  ``(B, ...)`` becomes ``(B // g, g, ...)``; a size-1 leading axis (a mask
+  broadcast over the batch) becomes ``(1, 1, ...)``. The group axis is kept
+  like a feature axis: moments over :func:`ghost_red_axes` are per group.
   """
-  groups = x.shape[0] // ghost_batch_size
-  xg = x.reshape((groups, ghost_batch_size) + x.shape[1:])
-  if mask is not None:
-    lead = (1, 1) if mask.shape[0] == 1 else (groups, ghost_batch_size)
-    mask = mask.reshape(lead + mask.shape[1:])
-  return xg, mask, ghost_red_axes(red_axes)
+  if a is None:
+    return None
+  lead = ((1, 1) if a.shape[0] == 1 and ghost_batch_size != 1
+          else (a.shape[0] // ghost_batch_size, ghost_batch_size))
+  return a.reshape(lead + a.shape[1:])
 
 
 def combine_groups(mean: Array, var: Array, count: Array, axis_name,

@@ -184,20 +184,26 @@ def pilot_shift(x: Array, red_axes: tuple[int, ...],
 
 
 def local_sums(x: Array, red_axes: tuple[int, ...], mask: Array | None,
-               shift: Array):
+               shift: Array, view=None):
   """``(S1, S2, n)`` of ``x - shift`` over ``red_axes`` (keepdims).
 
   ``S1`` and ``S2`` are two reductions over ONE read of ``x`` (fused on
   GPU/TPU; each fused with its own producer on CPU, see :mod:`jbn._cpu`).
   Masked-out values never reach the sums, not even as ``0 * nan``.
+  ``view`` (e.g. a ghost-batch reshape) is applied to ``x`` and ``mask``
+  after the CPU barriers, where it stays a free reshape; ``red_axes`` and
+  ``shift`` refer to the viewed shape.
   """
   sdt = shift.dtype
 
+  view = view or (lambda a: a)
+
   def shifted(x, shift, mask):
-    d = x.astype(sdt) - shift
-    return d if mask is None else jnp.where(mask, d, 0)
+    d = view(x).astype(sdt) - shift
+    return d if mask is None else jnp.where(view(mask), d, 0)
 
   d1, d2 = _cpu.private_map(shifted, (x, shift, mask), 2)
+  x, mask = view(x), view(mask)
   s1 = jnp.sum(d1, red_axes, keepdims=True)
   s2 = jnp.sum(d2 * d2, red_axes, keepdims=True)
   if mask is None:
@@ -219,10 +225,14 @@ def from_sums(count, shift, s1, s2) -> Moments:
 
 
 def local_moments(x: Array, red_axes: tuple[int, ...],
-                  mask: Array | None = None) -> Moments:
-  """:class:`Moments` of this device's ``x`` over ``red_axes`` (keepdims)."""
-  shift = pilot_shift(x, red_axes, mask)
-  s1, s2, n = local_sums(x, red_axes, mask, shift)
+                  mask: Array | None = None, view=None) -> Moments:
+  """:class:`Moments` of this device's ``x`` over ``red_axes`` (keepdims).
+
+  ``view``: see :func:`local_sums`.
+  """
+  v = view or (lambda a: a)
+  shift = pilot_shift(v(x), red_axes, v(mask))
+  s1, s2, n = local_sums(x, red_axes, mask, shift, view)
   return from_sums(n, shift, s1, s2)
 
 
@@ -272,22 +282,23 @@ def all_moments(local: Moments, axis_name, axis_index_groups) -> Moments:
 def batch_moments(x: Array, red_axes: tuple[int, ...], *,
                   mask: Array | None = None, axis_name=None,
                   axis_index_groups=None, sync: str = "gather",
-                  common_shift: Array | None = None) -> Moments:
+                  common_shift: Array | None = None, view=None) -> Moments:
   """The batch's moments over ``red_axes`` and ``axis_name`` (keepdims).
 
   The train forward of :func:`jbn.batch_norm` and :func:`jbn.moments` both
   come here. ``common_shift`` (identical on every device) is used with
-  ``axis_name`` and ``sync="psum"`` only.
+  ``axis_name`` and ``sync="psum"`` only. ``view``: see :func:`local_sums`.
   """
   if axis_name is None:
-    return local_moments(x, red_axes, mask)
+    return local_moments(x, red_axes, mask, view)
   if sync == "gather":
-    return all_moments(local_moments(x, red_axes, mask), axis_name,
+    return all_moments(local_moments(x, red_axes, mask, view), axis_name,
                        axis_index_groups)
-  keep = tuple(1 if a in red_axes else x.shape[a] for a in range(x.ndim))
+  shape = (view or (lambda a: a))(x).shape
+  keep = tuple(1 if a in red_axes else shape[a] for a in range(len(shape)))
   shift = lax.stop_gradient(jnp.broadcast_to(common_shift, keep)).astype(
       stat_dtype(x.dtype))
-  s1, s2, n = local_sums(x, red_axes, mask, shift)
+  s1, s2, n = local_sums(x, red_axes, mask, shift, view)
   if mask is None:
     s1, s2 = _parallel.all_reduce_sum([s1, s2], axis_name, axis_index_groups)
     n = n * _parallel.axis_size(axis_name, axis_index_groups)
