@@ -39,7 +39,7 @@ def run(config: configs.Config, workdir: str | None) -> train.TrainResult:
   workdir = workdir or reporting.default_workdir(config.dataset)
   is_main = jax.process_index() == 0
   t0 = time.perf_counter()
-  with parallel.exit_if_a_process_is_lost():
+  with parallel.exit_if_a_process_is_lost(config.coordinator_address):
     result = train.train_and_evaluate(config, workdir)
     if result.history and result.history[-1]["epoch"] == config.epochs:
       path = os.path.join(workdir, export.MODEL)

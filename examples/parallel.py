@@ -10,14 +10,14 @@ every device.
 Several processes (``jax.distributed``; gloo collectives on CPU): each
 process feeds its share of every global batch. When one process dies, the
 others stop at once instead of waiting ~100 s for JAX's heartbeat and
-shutdown barrier: the collective that fails is reported, naming the lost
-process, and the process exits (status 4, :func:`exit_if_a_process_is_lost`).
-A process that is not in a collective but waits in a coordination-service
-barrier (Orbax does, while it writes a checkpoint) is terminated by JAX's
-coordination client itself (SIGABRT, with JAX's "Terminating process
-because the JAX distributed service detected fatal errors" message): at
-once if process 0 (which runs the service) died, after
-``--heartbeat-timeout`` seconds (default 10) otherwise.
+shutdown barrier, naming the lost process, with exit status 4. Two things
+notice the loss: the collective that fails (:func:`exit_if_a_process_is_lost`)
+and :class:`PeerWatch`, a TCP link between process 0 and every other process
+whose only job is to close when a process dies. The link matters when no
+collective is running: while Orbax writes a checkpoint the survivor waits in
+a coordination-service barrier, and JAX's coordination client would
+terminate it (SIGABRT, "Terminating process because the JAX distributed
+service detected fatal errors") once the heartbeat times out.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import contextlib
 import hashlib
 import os
 import re
+import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 import jax
@@ -76,34 +78,138 @@ def _is_lost_peer(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def exit_if_a_process_is_lost() -> Iterator[None]:
-  """In a multi-process run, a failed collective ends this process at once.
+def exit_if_a_process_is_lost(coordinator_address: str | None = None
+                              ) -> Iterator[None]:
+  """In a multi-process run, the loss of a process ends this one at once.
 
   JAX would otherwise raise, then wait at its shutdown barrier for the dead
   process until the heartbeat times out, and abort. Here the process prints
   which process was lost and exits with status 4 (``os._exit``: no atexit
-  handlers, no barrier). The last checkpoint is complete (Orbax finalizes
+  handlers, no barrier), whether a collective fails or :class:`PeerWatch`
+  sees a process vanish. The last checkpoint is complete (Orbax finalizes
   a checkpoint atomically), so every process can restart with ``--resume``.
-  Any other exception passes through.
+  Any other exception passes through (and tells the other processes that
+  this one stopped on purpose). ``coordinator_address`` (``HOST:PORT`` of
+  process 0) lets :class:`PeerWatch` connect; without it only failing
+  collectives are noticed.
   """
   if jax.process_count() == 1:
     yield
     return
+  watch = PeerWatch.start(coordinator_address)
   try:
     yield
   except BaseException as e:  # pylint: disable=broad-except
     if not _is_lost_peer(e):
+      watch.stop()
       raise
-    me, n = jax.process_index(), jax.process_count()
-    others = [p for p in range(n) if p != me]
+    others = [p for p in range(jax.process_count())
+              if p != jax.process_index()]
     lost = (f"process {others[0]}" if len(others) == 1 else
             f"one of processes {', '.join(map(str, others))}")
-    detail = str(e).strip().splitlines()[0][:300]
-    sys.stdout.flush()
-    print(f"error: process {me} of {n}: lost {lost} ({detail}). Stopping; "
-          f"the last checkpoint is intact: restart every process with "
-          f"--resume and the same --workdir.", file=sys.stderr, flush=True)
-    os._exit(errors.EXIT_LOST_PROCESS)  # pylint: disable=protected-access
+    _lost(lost, str(e).strip().splitlines()[0][:300])
+  watch.stop()
+
+
+_EXITING = threading.Lock()
+
+
+def _lost(who: str, detail: str) -> None:
+  """Prints which process was lost and exits with status 4, once."""
+  if not _EXITING.acquire(blocking=False):
+    threading.Event().wait()  # another thread is exiting the process
+  me, n = jax.process_index(), jax.process_count()
+  sys.stdout.flush()
+  print(f"error: process {me} of {n}: lost {who} ({detail}). Stopping; "
+        f"the last checkpoint is intact: restart every process with "
+        f"--resume and the same --workdir.", file=sys.stderr, flush=True)
+  os._exit(errors.EXIT_LOST_PROCESS)  # pylint: disable=protected-access
+
+
+class PeerWatch:
+  """Notices within milliseconds that another process of the run died.
+
+  Process 0 accepts one TCP connection from every other process (on a free
+  port it announces with a collective; the host is the coordinator's). The
+  connections carry nothing while all is well: when a process dies, the
+  kernel closes its end, and a thread of the process on the other end sees
+  it, prints which process was lost and exits with status 4; process 0 also
+  tells the others which one it lost. A process that stops on purpose (its
+  run returned or raised) first says ``bye``, and its peers stop watching
+  it. This covers what the failing collective does not: a survivor that is
+  waiting in a coordination-service barrier (Orbax's, while it writes a
+  checkpoint) rather than in a collective.
+  """
+
+  CONNECT_TIMEOUT = 60.0  # seconds for every process to connect at start
+
+  def __init__(self, links: dict[int, socket.socket]):
+    self._links = links  # peer process -> socket
+    self._stopped = threading.Event()
+    for peer, link in links.items():
+      threading.Thread(target=self._watch, args=(peer, link), daemon=True,
+                       name=f"peer-watch-{peer}").start()
+
+  @classmethod
+  def start(cls, coordinator_address: str | None) -> "PeerWatch":
+    """Connects process 0 with every other process (a collective: every
+    process calls it at the same point); watches nothing without an
+    address."""
+    me, n = jax.process_index(), jax.process_count()
+    if coordinator_address is None:
+      return cls({})
+    host = coordinator_address.rsplit(":", 1)[0].strip("[]")
+    server = None
+    port = 0
+    if me == 0:
+      server = socket.create_server(("", 0))
+      server.settimeout(cls.CONNECT_TIMEOUT)
+      port = server.getsockname()[1]
+    port = int(multihost_utils.broadcast_one_to_all(np.int32(port)))
+    links = {}
+    if me == 0:
+      with server:
+        for _ in range(n - 1):
+          link, _ = server.accept()
+          link.settimeout(cls.CONNECT_TIMEOUT)
+          peer = int(link.makefile("r").readline())
+          link.settimeout(None)
+          links[peer] = link
+    else:
+      link = socket.create_connection((host, port),
+                                      timeout=cls.CONNECT_TIMEOUT)
+      link.sendall(f"{me}\n".encode())
+      link.settimeout(None)
+      links[0] = link
+    return cls(links)
+
+  def stop(self) -> None:
+    """This process stops on purpose: tells its peers, stops watching."""
+    self._stopped.set()
+    for link in self._links.values():
+      try:
+        link.sendall(b"bye\n")
+      except OSError:
+        pass
+
+  def _watch(self, peer: int, link: socket.socket) -> None:
+    lines = link.makefile("r")
+    try:
+      line = lines.readline()
+    except OSError:
+      line = ""
+    if self._stopped.is_set() or line == "bye\n":
+      return  # a peer that stops on purpose
+    if line.startswith("lost "):  # process 0 lost another process
+      _lost(f"process {line.split()[1]}", "reported by process 0")
+    if jax.process_index() == 0:  # tell the others which one it was
+      for other, other_link in self._links.items():
+        if other != peer:
+          try:
+            other_link.sendall(f"lost {peer}\n".encode())
+          except OSError:
+            pass
+    _lost(f"process {peer}", "its connection to this process closed")
 
 
 def make_mesh(devices_per_process: int | None = None) -> jax.sharding.Mesh:

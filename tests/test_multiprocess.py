@@ -145,3 +145,32 @@ def test_when_a_process_dies_the_other_stops_and_names_it(tmp_path, victim):
   assert procs[survivor].returncode == errors.EXIT_LOST_PROCESS
   print(f"process {victim} killed: process {survivor} exited "
         f"{procs[survivor].returncode} after {seconds:.2f} s")
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_process_in_a_checkpoint_barrier_names_the_lost_one(victim):
+  """The survivor waits in a coordination-service barrier (as while Orbax
+  writes a checkpoint), not in a collective, when the other process dies:
+  it still exits with status 4 within seconds, naming it (without the peer
+  watch, JAX's coordination client aborts it: SIGABRT, after the heartbeat
+  timeout when process 1 died)."""
+  survivor = 1 - victim
+  address = f"127.0.0.1:{helpers.free_port()}"
+  env = dict(helpers.subprocess_env(), PYTHONUNBUFFERED="1")
+  procs = [subprocess.Popen(
+      [sys.executable, "tests/barrier_worker.py", str(i), str(victim),
+       address], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    t0 = time.perf_counter()
+    out, _ = procs[survivor].communicate(timeout=90)
+    seconds = time.perf_counter() - t0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert f"process {survivor} ready" in out, out[-3000:]
+  assert procs[survivor].returncode == errors.EXIT_LOST_PROCESS, out[-3000:]
+  assert re.search(rf"error: process {survivor} of 2: lost process {victim} "
+                   r"\(", out), out[-3000:]
+  assert seconds < 30, out[-3000:]
