@@ -588,7 +588,13 @@ def _tangent(cfg, x, mask, coef, count, tx, tscale, tbias):
     if mask is not None:
       # A masked-out nan/inf value has no say in the parameters' tangents.
       xc_q = jnp.where(mask | jnp.isfinite(xc_q), xc_q, 0)
-    terms += [xc_q * uv[0], jnp.broadcast_to(uv[1], x.shape)]
+    if cfg.ghost is None:
+      u, v = uv[0], jnp.broadcast_to(uv[1], x.shape)
+    else:
+      # Per-group vectors: on CPU their transposed broadcasts (per-group
+      # sums of the cotangent) need care, see _modes.ghost_broadcast.
+      u, v = _modes.ghost_broadcast(*uv, x.shape, cfg.red_axes)
+    terms += [xc_q * u, v]
   if not terms:
     ty = jnp.zeros(shape, cfg.out_dtype)
   else:

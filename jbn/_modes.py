@@ -23,6 +23,7 @@ groups' statistics are combined into one running-statistics update.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jbn import _cpu
 from jbn import _layout
 from jbn import _parallel
 
@@ -241,3 +243,56 @@ def combine_groups(mean: Array, var: Array, count: Array, axis_name,
                                        axis_index_groups)
   den = jnp.maximum(n, 1)
   return sm / den, sv / den, n
+
+
+# Most values per ghost batch for which the CPU backward adds halves
+# (ghost_broadcast) instead of reducing the group's middle axis.
+FOLD_MAX = 64
+
+
+def ghost_broadcast(u: Array, v: Array, shape, red_axes) -> list[Array]:
+  """The tangent's per-group vectors ``u``, ``v`` broadcast to ``shape``.
+
+  ``shape`` is the ghost view of ``x``. Transposed (reverse mode), these
+  broadcasts are the backward's per-group sums of the cotangent. On CPU:
+
+  * the vectors pass a barrier, so that the transposed sums stay whole.
+    Without it XLA:CPU merges them into dbias's sum over the whole batch
+    (two passes sharing a materialized float32 copy of a bfloat16
+    cotangent) and fuses that into dx's loop, next to a materialized
+    x-sized broadcast of ``a``;
+  * for groups of up to ``FOLD_MAX`` values the vectors are tiled along
+    the reduced axes by doubling concatenations, whose transposes add
+    halves elementwise (parallel loop fusions): XLA:CPU reduces the middle
+    axis of ``(groups, g, ..., C)`` about half as fast as plain batch
+    norm's leading axis, and for a few values per group the reduction is
+    all overhead.
+
+  Elsewhere (GPU, TPU): plain broadcasts, no barrier.
+  """
+  def broadcast(w):
+    return jnp.broadcast_to(w, shape)
+
+  def cpu(u, v):
+    u, v = lax.optimization_barrier((u, v))
+    if math.prod(shape[a] for a in red_axes) <= FOLD_MAX:
+      u, v = (_tile(w, shape, red_axes) for w in (u, v))
+    return [broadcast(u), broadcast(v)]
+
+  return _cpu.choose(u, v, cpu=cpu,
+                     default=lambda u, v: [broadcast(u), broadcast(v)])
+
+
+def _tile(w: Array, shape, axes) -> Array:
+  """``w`` (size 1 on ``axes``) repeated to ``shape``'s size on ``axes``."""
+  for ax in axes:
+    w = _double(w, ax, shape[ax])
+  return w
+
+
+def _double(w: Array, ax: int, n: int) -> Array:
+  """``w`` repeated ``n`` times along ``ax``: ``log2(n)`` concatenations."""
+  if n == 1:
+    return w
+  half = _double(w, ax, n // 2)
+  return lax.concatenate([half, half] + [w] * (n % 2), ax)
