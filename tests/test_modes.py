@@ -398,6 +398,30 @@ def test_ghost_fwd_bwd_compiles_without_activation_sized_temporary(shape,
   assert temp < bound, (temp, f32_bytes)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
+                         ids=["f32", "bf16"])
+def test_renorm_clips_are_computed_once_per_feature_on_cpu(dtype):
+  """Renorm's per-feature clips and selects stay out of the activation-sized
+  loops of the compiled train step (XLA:CPU used to redo them for every
+  element of y and dx: renorm fwd+bwd cost 1.13x plain batch norm, 1.3x in
+  bf16; now ~1.0x, see README)."""
+  shape = (32, 16, 16, 32)  # (XLA fuses all of a tiny program regardless)
+  params, state = jbn.init(shape[-1])
+  x = jax.ShapeDtypeStruct(shape, dtype)
+
+  def fwd_bwd(p, s, x, dy):  # the state is an argument, as in training
+    y, vjp = jax.vjp(lambda p, x: jbn.batch_norm(
+        p, s, x, True, renorm=jbn.RenormClip(3.0, 5.0))[0], p, x)
+    return y, vjp(dy)
+
+  hlo = jax.jit(fwd_bwd).lower(params, state, x, x).compile().as_text()
+  big = ",".join(map(str, shape))
+  loops = [c for c in hlo.split("\n\n") if f"[{big}]" in c
+           and not c.lstrip().startswith("ENTRY")]
+  assert loops, hlo
+  assert not [c.splitlines()[0] for c in loops if "clamp(" in c]
+
+
 @pytest.mark.parametrize("batch,size,message", [
     (8, 3, "ghost_batch_size=3 must divide the batch size 8"),
     (4, 8, "It is larger than the batch"),
