@@ -191,19 +191,20 @@ def local_sums(x: Array, red_axes: tuple[int, ...], mask: Array | None,
   GPU/TPU; each fused with its own producer on CPU, see :mod:`jbn._cpu`).
   Masked-out values never reach the sums, not even as ``0 * nan``.
   ``view`` (e.g. a ghost-batch reshape) is applied to ``x`` and ``mask``
-  after the CPU barriers, where it stays a free reshape; ``red_axes`` and
-  ``shift`` refer to the viewed shape.
+  before the CPU barriers, so that each reduction reads a bitcast of the
+  input (see ``jbn._functional._view``); ``red_axes`` and ``shift`` refer to
+  the viewed shape.
   """
   sdt = shift.dtype
 
   view = view or (lambda a: a)
 
   def shifted(x, shift, mask):
-    d = view(x).astype(sdt) - shift
-    return d if mask is None else jnp.where(view(mask), d, 0)
+    d = x.astype(sdt) - shift
+    return d if mask is None else jnp.where(mask, d, 0)
 
-  d1, d2 = _cpu.private_map(shifted, (x, shift, mask), 2)
   x, mask = view(x), view(mask)
+  d1, d2 = _cpu.private_map(shifted, (x, shift, mask), 2)
   s1 = jnp.sum(d1, red_axes, keepdims=True)
   s2 = jnp.sum(d2 * d2, red_axes, keepdims=True)
   if mask is None:
