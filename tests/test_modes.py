@@ -369,6 +369,20 @@ def test_ghost_gradients_match_float64_reference(rng, shape, g, masked):
   np.testing.assert_allclose(dp["bias"], db_ref, rtol=1e-5, atol=1e-5)
 
 
+def _compiled_fwd_bwd(shape, dtype, **mode):
+  """jbn's train-mode fwd+bwd (jax.vjp) compiled for this CPU, the state an
+  argument as in training."""
+  params, state = jbn.init(shape[-1])
+  x = jax.ShapeDtypeStruct(shape, dtype)
+
+  def fwd_bwd(p, s, x, dy):
+    y, vjp = jax.vjp(
+        lambda p, x: jbn.batch_norm(p, s, x, True, **mode)[0], p, x)
+    return y, vjp(dy)
+
+  return jax.jit(fwd_bwd).lower(params, state, x, x).compile()
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
                          ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(64, 8, 8, 16), (256, 128)],
@@ -383,16 +397,8 @@ def test_ghost_fwd_bwd_compiles_without_activation_sized_temporary(shape,
   4-D 0.01, 0.02; 2-D 0.6, 1.3 (the halves of _modes.ghost_broadcast's
   doubling concatenations: less than one float32 copy of x).
   """
-  x = jax.ShapeDtypeStruct(shape, dtype)
   f32_bytes = int(np.prod(shape)) * 4
-  params, state = jbn.init(shape[-1])
-
-  def fwd_bwd(p, x, dy):
-    y, vjp = jax.vjp(lambda p, x: jbn.batch_norm(
-        p, state, x, True, ghost_batch_size=8)[0], p, x)
-    return y, vjp(dy)
-
-  temp = jax.jit(fwd_bwd).lower(params, x, x).compile().memory_analysis(
+  temp = _compiled_fwd_bwd(shape, dtype, ghost_batch_size=8).memory_analysis(
   ).temp_size_in_bytes
   bound = f32_bytes // 16 if len(shape) == 4 else f32_bytes
   assert temp < bound, (temp, f32_bytes)
@@ -406,15 +412,8 @@ def test_renorm_clips_are_computed_once_per_feature_on_cpu(dtype):
   element of y and dx: renorm fwd+bwd cost 1.13x plain batch norm, 1.3x in
   bf16; now ~1.0x, see README)."""
   shape = (32, 16, 16, 32)  # (XLA fuses all of a tiny program regardless)
-  params, state = jbn.init(shape[-1])
-  x = jax.ShapeDtypeStruct(shape, dtype)
-
-  def fwd_bwd(p, s, x, dy):  # the state is an argument, as in training
-    y, vjp = jax.vjp(lambda p, x: jbn.batch_norm(
-        p, s, x, True, renorm=jbn.RenormClip(3.0, 5.0))[0], p, x)
-    return y, vjp(dy)
-
-  hlo = jax.jit(fwd_bwd).lower(params, state, x, x).compile().as_text()
+  hlo = _compiled_fwd_bwd(shape, dtype,
+                          renorm=jbn.RenormClip(3.0, 5.0)).as_text()
   big = ",".join(map(str, shape))
   loops = [c for c in hlo.split("\n\n") if f"[{big}]" in c
            and not c.lstrip().startswith("ENTRY")]
@@ -431,15 +430,7 @@ def test_ghost_bf16_reductions_read_the_input_in_place_on_cpu():
   was 2.3-4.2x plain batch norm on 4-D inputs; now ~1.0x).
   """
   shape = (32, 16, 16, 32)
-  params, state = jbn.init(shape[-1])
-  x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-
-  def fwd_bwd(p, s, x, dy):
-    y, vjp = jax.vjp(lambda p, x: jbn.batch_norm(
-        p, s, x, True, ghost_batch_size=8)[0], p, x)
-    return y, vjp(dy)
-
-  hlo = jax.jit(fwd_bwd).lower(params, state, x, x).compile().as_text()
+  hlo = _compiled_fwd_bwd(shape, jnp.bfloat16, ghost_batch_size=8).as_text()
   whole = "f32[" + ",".join(map(str, shape)) + "]"
   reductions = [c for c in hlo.split("\n\n")
                 if " reduce(" in c and "ENTRY" not in c]

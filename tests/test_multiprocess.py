@@ -36,13 +36,12 @@ def _start(workdir, flags, address):
       text=True) for i in range(2)]
 
 
-def test_two_processes_end_with_identical_parameters(tmp_path):
-  workdir = str(tmp_path / "run")
-  procs = _start(workdir, FLAGS, f"127.0.0.1:{helpers.free_port()}")
+def _outputs_of_successful_runs(procs, timeout=150):
+  """Each process's output, once all have exited with status 0."""
   outputs = []
   try:
     for p in procs:
-      out, _ = p.communicate(timeout=150)
+      out, _ = p.communicate(timeout=timeout)
       outputs.append(out)
   finally:
     for p in procs:
@@ -50,6 +49,12 @@ def test_two_processes_end_with_identical_parameters(tmp_path):
         p.kill()
   for i, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {i} failed:\n{out}"
+  return outputs
+
+def test_two_processes_end_with_identical_parameters(tmp_path):
+  workdir = str(tmp_path / "run")
+  procs = _start(workdir, FLAGS, f"127.0.0.1:{helpers.free_port()}")
+  outputs = _outputs_of_successful_runs(procs)
   digests = [re.search(rf"process {i} params sha256 ([0-9a-f]{{64}})",
                        out).group(1) for i, out in enumerate(outputs)]
   assert digests[0] == digests[1]
@@ -85,17 +90,7 @@ def test_two_processes_renorm_recalibrate_identical(tmp_path):
   flags = [*FLAGS, "--bn", "renorm", "--recalibrate", "pooled",
            "--weight-ema", "0.9"]
   procs = _start(workdir, flags, f"127.0.0.1:{helpers.free_port()}")
-  outputs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=150)
-      outputs.append(out)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i} failed:\n{out}"
+  outputs = _outputs_of_successful_runs(procs)
   for what in ("params", "exported"):
     digests = [re.search(rf"process {i} {what} sha256 ([0-9a-f]{{64}})",
                          out).group(1) for i, out in enumerate(outputs)]
