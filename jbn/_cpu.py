@@ -17,10 +17,18 @@ lowered: a CUDA or TPU program holds no barrier at all.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 from jax import lax
+
+# Most values per output for which a sum on CPU adds halves (reduce_sum), and
+# a broadcast tiles by doubling (tile), instead of reducing (broadcasting).
+# XLA:CPU fuses up to 3 halvings into one loop; a deeper fold is split after
+# its first halving (an x / 2 temporary), slower than the reduction.
+FOLD_MAX = 8
 
 
 def choose(*args, cpu, default):
@@ -81,3 +89,64 @@ def fan_in(terms: Sequence[Any], dtype) -> Any:
 
   return choose(terms, cpu=cpu,
                 default=lambda ts: sum(ts[1:], ts[0]).astype(dtype))
+
+
+def reduce_sum(d, axes: tuple[int, ...]):
+  """``jnp.sum(d, axes, keepdims=True)``; on CPU, small sums are folded.
+
+  Where each output adds at most :data:`FOLD_MAX` values (ghost batches, a
+  tiny batch), XLA:CPU's reduction (YNNPACK) of ``(groups, g, C)``'s middle
+  axis is 3-4x slower than adding halves, ``d[:g/2] + d[g/2:]`` and so on,
+  all in one parallel loop. Not for a linear map that reverse mode
+  transposes (the transpose of a slice is an ``x``-sized pad); there,
+  :func:`tile` is the broadcast whose transpose is this fold.
+  """
+  def reduce(d):
+    return jnp.sum(d, axes, keepdims=True)
+
+  if not foldable(d.shape, axes):
+    return reduce(d)
+  return choose(d, cpu=lambda d: _fold(d, axes), default=reduce)
+
+
+def foldable(shape, axes: tuple[int, ...]) -> bool:
+  """Whether a sum over ``axes`` adds few enough values to be folded."""
+  return 0 not in shape and math.prod(shape[a] for a in axes) <= FOLD_MAX
+
+
+def tile(w, shape, axes: tuple[int, ...]):
+  """``w`` (size 1 on ``axes``) repeated to ``shape``'s size on ``axes``.
+
+  By doubling concatenations, ``log2(n)`` per axis. Transposed (reverse
+  mode), each concatenation adds two halves: the transpose is
+  :func:`reduce_sum`'s fold.
+  """
+  for ax in axes:
+    w = _double(w, ax, shape[ax])
+  return w
+
+
+def _double(w, ax: int, n: int):
+  """``w`` repeated ``n`` times along ``ax``."""
+  if n == 1:
+    return w
+  half = _double(w, ax, n // 2)
+  return lax.concatenate([half, half] + [w] * (n % 2), ax)
+
+
+def _fold(d, axes: tuple[int, ...]):
+  """The sum of ``d`` over ``axes`` (keepdims) by adding halves."""
+  for ax in axes:
+    d = _halve(d, ax)
+  return d
+
+
+def _halve(d, ax: int):
+  """The sum of ``d`` along ``ax`` (keepdims): the transpose of _double."""
+  n = d.shape[ax]
+  if n == 1:
+    return d
+  h = n // 2
+  part = lambda lo, hi: lax.slice_in_dim(d, lo, hi, axis=ax)  # noqa: E731
+  total = _halve(part(0, h) + part(h, 2 * h), ax)
+  return total + part(2 * h, n) if n % 2 else total

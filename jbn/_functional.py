@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -576,12 +577,15 @@ def _tangent(cfg, x, mask, coef, count, tx, tscale, tbias):
     # g is constant, and mean(g) is the same reduction as dbias.
     dv = -r1q / n
     terms.append(q)
+  # Per group (ghost), a parameter's tangent times a per-group vector goes
+  # through a (groups, features) view: see _modes.times_groups.
+  times = operator.mul if cfg.ghost is None else _modes.times_groups
   if tscale is not None:
-    du = _add(du, tscale * coef.gain)
+    du = _add(du, times(tscale, coef.gain))
     if coef.offset is not None:
-      dv = _add(dv, tscale * coef.offset)
+      dv = _add(dv, times(tscale, coef.offset))
   if tbias is not None:
-    dv = _add(dv, jnp.broadcast_to(tbias, zeros.shape))
+    dv = _add(dv, times(tbias, jnp.ones_like(zeros)))
   if du is not None or dv is not None:
     du = zeros if du is None else jnp.broadcast_to(du, zeros.shape)
     dv = zeros if dv is None else jnp.broadcast_to(dv, zeros.shape)

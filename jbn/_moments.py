@@ -54,6 +54,7 @@ Array = jax.Array
 
 SYNC_MODES = ("psum", "gather")
 PILOT_SIZE = 16  # values per feature in the sample that gives the shift
+PILOT_SHARE = 8  # ... and at most 1/PILOT_SHARE of them (at least one)
 
 
 class Moments(NamedTuple):
@@ -137,7 +138,9 @@ def pilot_shift(x: Array, red_axes: tuple[int, ...],
   """A per-feature shift close to the batch mean (keepdims, no gradient).
 
   The mean of a strided sample of about :data:`PILOT_SIZE` valid values per
-  feature, taken relative to the sample's first value (so that it is exact
+  feature, at most one in :data:`PILOT_SHARE` of them (so that the sample
+  is never a pass over ``x``: for ghost batches of 8 rows, one row per
+  group), taken relative to the sample's first value (so that it is exact
   to the last bit of the data's magnitude) and summed with unrolled
   elementwise adds (a reduction op of this size costs more than the
   arithmetic on XLA:CPU). A feature without a valid value in the sample
@@ -149,7 +152,9 @@ def pilot_shift(x: Array, red_axes: tuple[int, ...],
   if any(x.shape[a] == 0 for a in red_axes):
     return jnp.zeros(keep, sdt)
   x = lax.stop_gradient(x)
-  pick = _sample(x.shape, red_axes, PILOT_SIZE)
+  values = math.prod(x.shape[a] for a in red_axes)
+  pick = _sample(x.shape, red_axes,
+                 min(PILOT_SIZE, max(1, values // PILOT_SHARE)))
   xs = x[pick].astype(sdt)
   points = list(itertools.product(*(
       range(xs.shape[a]) if a in red_axes else [slice(None)]
@@ -188,7 +193,9 @@ def local_sums(x: Array, red_axes: tuple[int, ...], mask: Array | None,
   """``(S1, S2, n)`` of ``x - shift`` over ``red_axes`` (keepdims).
 
   ``S1`` and ``S2`` are two reductions over ONE read of ``x`` (fused on
-  GPU/TPU; each fused with its own producer on CPU, see :mod:`jbn._cpu`).
+  GPU/TPU; each fused with its own producer on CPU, see :mod:`jbn._cpu`,
+  where sums of a few values per feature, e.g. small ghost batches, are
+  folded: :func:`jbn._cpu.reduce_sum`).
   Masked-out values never reach the sums, not even as ``0 * nan``.
   ``view`` (e.g. a ghost-batch reshape) is applied to ``x`` and ``mask``
   before the CPU barriers, so that each reduction reads a bitcast of the
@@ -205,8 +212,8 @@ def local_sums(x: Array, red_axes: tuple[int, ...], mask: Array | None,
 
   x, mask = view(x), view(mask)
   d1, d2 = _cpu.private_map(shifted, (x, shift, mask), 2)
-  s1 = jnp.sum(d1, red_axes, keepdims=True)
-  s2 = jnp.sum(d2 * d2, red_axes, keepdims=True)
+  s1 = _cpu.reduce_sum(d1, red_axes)
+  s2 = _cpu.reduce_sum(d2 * d2, red_axes)
   if mask is None:
     n = jnp.full(s1.shape, math.prod(x.shape[a] for a in red_axes), sdt)
   else:
