@@ -287,9 +287,9 @@ def ghost_broadcast(u: Array, v: Array, shape, red_axes) -> list[Array]:
     (two passes sharing a materialized float32 copy of a bfloat16
     cotangent) and fuses that into dx's loop, next to a materialized
     x-sized broadcast of ``a``;
-  * for groups of up to ``_cpu.FOLD_MAX`` values the vectors are tiled
-    (:func:`jbn._cpu.tile`), whose transpose adds halves in one loop, as
-    the forward's sums do (:func:`jbn._cpu.reduce_sum`).
+  * the vectors are tiled (:func:`jbn._cpu.tile`): transposed, the sums
+    add halves in a loop first, as the forward's do
+    (:func:`jbn._cpu.reduce_sum`).
 
   Elsewhere (GPU, TPU): plain broadcasts, no barrier.
   """
@@ -298,9 +298,7 @@ def ghost_broadcast(u: Array, v: Array, shape, red_axes) -> list[Array]:
 
   def cpu(u, v):
     u, v = lax.optimization_barrier((u, v))
-    if _cpu.foldable(shape, red_axes):
-      u, v = (_cpu.tile(w, shape, red_axes) for w in (u, v))
-    return [broadcast(u), broadcast(v)]
+    return [_cpu.tile(w, shape, red_axes, partial=True) for w in (u, v)]
 
   return _cpu.choose(u, v, cpu=cpu,
                      default=lambda u, v: [broadcast(u), broadcast(v)])

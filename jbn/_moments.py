@@ -194,8 +194,8 @@ def local_sums(x: Array, red_axes: tuple[int, ...], mask: Array | None,
 
   ``S1`` and ``S2`` are two reductions over ONE read of ``x`` (fused on
   GPU/TPU; each fused with its own producer on CPU, see :mod:`jbn._cpu`,
-  where sums of a few values per feature, e.g. small ghost batches, are
-  folded: :func:`jbn._cpu.reduce_sum`).
+  where sums of a few values per feature, and per-group sums, are folded:
+  :func:`jbn._cpu.reduce_sum`).
   Masked-out values never reach the sums, not even as ``0 * nan``.
   ``view`` (e.g. a ghost-batch reshape) is applied to ``x`` and ``mask``
   before the CPU barriers, so that each reduction reads a bitcast of the
@@ -203,7 +203,8 @@ def local_sums(x: Array, red_axes: tuple[int, ...], mask: Array | None,
   the viewed shape.
   """
   sdt = shift.dtype
-
+  # Per-group sums (a view: ghost batches) also fold partially on CPU.
+  partial = view is not None
   view = view or (lambda a: a)
 
   def shifted(x, shift, mask):
@@ -212,8 +213,8 @@ def local_sums(x: Array, red_axes: tuple[int, ...], mask: Array | None,
 
   x, mask = view(x), view(mask)
   d1, d2 = _cpu.private_map(shifted, (x, shift, mask), 2)
-  s1 = _cpu.reduce_sum(d1, red_axes)
-  s2 = _cpu.reduce_sum(d2 * d2, red_axes)
+  s1 = _cpu.reduce_sum(d1, red_axes, partial=partial)
+  s2 = _cpu.reduce_sum(d2 * d2, red_axes, partial=partial)
   if mask is None:
     n = jnp.full(s1.shape, math.prod(x.shape[a] for a in red_axes), sdt)
   else:
