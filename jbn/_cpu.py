@@ -27,8 +27,7 @@ from jax import lax
 # Sums on CPU (reduce_sum) and their transposes (tile) fold by halves. XLA:CPU
 # fuses up to 3 halvings into one loop; a deeper fold is split after its
 # first halving (an x / 2 temporary). So: at most FOLD_MAX values per output
-# are folded all the way; larger (partial) ones fold FOLD_LEVELS halvings,
-# then reduce.
+# are folded all the way; larger ones fold FOLD_LEVELS halvings, then reduce.
 FOLD_MAX = 8
 FOLD_LEVELS = 3
 
@@ -93,26 +92,25 @@ def fan_in(terms: Sequence[Any], dtype) -> Any:
                 default=lambda ts: sum(ts[1:], ts[0]).astype(dtype))
 
 
-def reduce_sum(d, axes: tuple[int, ...], *, partial: bool = False):
+def reduce_sum(d, axes: tuple[int, ...]):
   """``jnp.sum(d, axes, keepdims=True)``; on CPU, through a fold.
 
-  On CPU, halvings (``d[:n/2] + d[n/2:]``) in one parallel loop come
-  first: all the way where at most :data:`FOLD_MAX` values are added
-  (XLA:CPU's reduction, YNNPACK, of the middle axis of ghost batches'
-  ``(groups, 8, C)`` is 3-4x slower). With ``partial``, larger sums fold
-  :data:`FOLD_LEVELS` halvings of one axis (a loop writing 1/8 of what it
-  reads), pass a barrier, and reduce the rest: YNNPACK reduces the middle
-  axis of ``(groups, g, C)`` at about half the speed of a leading one, and
-  the fold is 2-3x faster. (For plain batch norm's sums too, 1.1-1.9x, but
-  its temporaries would go from ~0 to 1/4 of ``x`` in float32; not done.)
-  Not for a linear map that reverse mode transposes (the transpose of a
-  slice is an ``x``-sized pad): there, :func:`tile` is the broadcast whose
-  transpose is this fold.
+  For per-group sums (ghost batches): XLA:CPU's reduction (YNNPACK) of the
+  middle axis of ``(groups, g, C)`` runs at half the speed of plain batch
+  norm's leading axis, and at a third of that of a loop for g = 8. On CPU,
+  halvings (``d[:n/2] + d[n/2:]``) in one parallel loop come first: all the
+  way where at most :data:`FOLD_MAX` values are added; else
+  :data:`FOLD_LEVELS` of them on one axis (the loop writes 1/8 of what it
+  reads), a barrier, and the reduction of the rest. (This also speeds plain
+  batch norm's sums 1.1-1.9x, but its temporaries would go from ~0 to 1/4
+  of ``x`` in float32; not used there.) Not for a linear map that reverse
+  mode transposes (the transpose of a slice is an ``x``-sized pad): there,
+  :func:`tile` is the broadcast whose transpose is this fold.
   """
   def reduce(d):
     return jnp.sum(d, axes, keepdims=True)
 
-  kind, ax = _plan(d.shape, axes, partial)
+  kind, ax = _plan(d.shape, axes)
   if kind is None:
     return reduce(d)
 
@@ -128,7 +126,7 @@ def reduce_sum(d, axes: tuple[int, ...], *, partial: bool = False):
   return choose(d, cpu=cpu, default=reduce)
 
 
-def tile(w, shape, axes: tuple[int, ...], *, partial: bool = False):
+def tile(w, shape, axes: tuple[int, ...]):
   """``jnp.broadcast_to(w, shape)`` for a ``w`` of size 1 on ``axes``.
 
   On CPU, the mirror of :func:`reduce_sum`: doubling concatenations (after
@@ -138,7 +136,7 @@ def tile(w, shape, axes: tuple[int, ...], *, partial: bool = False):
   def broadcast(w):
     return jnp.broadcast_to(w, shape)
 
-  kind, ax = _plan(shape, axes, partial)
+  kind, ax = _plan(shape, axes)
   if kind is None:
     return broadcast(w)
 
@@ -157,17 +155,17 @@ def tile(w, shape, axes: tuple[int, ...], *, partial: bool = False):
   return choose(w, cpu=cpu, default=broadcast)
 
 
-def _plan(shape, axes: tuple[int, ...], partial: bool):
+def _plan(shape, axes: tuple[int, ...]):
   """``("whole", None)``, ``("part", axis)`` or ``(None, None)`` (no fold).
 
-  Whole: at most :data:`FOLD_MAX` values per output. Part (if ``partial``):
-  the first of ``axes`` whose size ``2**FOLD_LEVELS`` divides.
+  Whole: at most :data:`FOLD_MAX` values per output. Part: the first of
+  ``axes`` whose size ``2**FOLD_LEVELS`` divides.
   """
   if 0 in shape or not axes:
     return None, None
   if math.prod(shape[a] for a in axes) <= FOLD_MAX:
     return "whole", None
-  for ax in axes if partial else ():
+  for ax in axes:
     if shape[ax] % 2 ** FOLD_LEVELS == 0:
       return "part", ax
   return None, None

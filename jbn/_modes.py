@@ -298,7 +298,7 @@ def ghost_broadcast(u: Array, v: Array, shape, red_axes) -> list[Array]:
 
   def cpu(u, v):
     u, v = lax.optimization_barrier((u, v))
-    return [_cpu.tile(w, shape, red_axes, partial=True) for w in (u, v)]
+    return [_cpu.tile(w, shape, red_axes) for w in (u, v)]
 
   return _cpu.choose(u, v, cpu=cpu,
                      default=lambda u, v: [broadcast(u), broadcast(v)])

@@ -38,6 +38,7 @@ Across devices (:func:`batch_moments`):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any, NamedTuple
@@ -54,7 +55,7 @@ Array = jax.Array
 
 SYNC_MODES = ("psum", "gather")
 PILOT_SIZE = 16  # values per feature in the sample that gives the shift
-PILOT_SHARE = 8  # ... and at most 1/PILOT_SHARE of them (at least one)
+PILOT_SHARE = 8  # per group: at most 1/PILOT_SHARE of them (at least one)
 
 
 class Moments(NamedTuple):
@@ -134,13 +135,13 @@ def _first_valid(x, red_axes, mask, sdt):
 
 
 def pilot_shift(x: Array, red_axes: tuple[int, ...],
-                mask: Array | None = None) -> Array:
+                mask: Array | None = None, per_group: bool = False) -> Array:
   """A per-feature shift close to the batch mean (keepdims, no gradient).
 
   The mean of a strided sample of about :data:`PILOT_SIZE` valid values per
-  feature, at most one in :data:`PILOT_SHARE` of them (so that the sample
-  is never a pass over ``x``: for ghost batches of 8 rows, one row per
-  group), taken relative to the sample's first value (so that it is exact
+  feature (``per_group``: at most one in :data:`PILOT_SHARE` of them, so
+  that the sample is never a pass over ``x``: for ghost batches of 8 rows,
+  one row per group), taken relative to the sample's first value (so that it is exact
   to the last bit of the data's magnitude) and summed with unrolled
   elementwise adds (a reduction op of this size costs more than the
   arithmetic on XLA:CPU). A feature without a valid value in the sample
@@ -152,9 +153,11 @@ def pilot_shift(x: Array, red_axes: tuple[int, ...],
   if any(x.shape[a] == 0 for a in red_axes):
     return jnp.zeros(keep, sdt)
   x = lax.stop_gradient(x)
-  values = math.prod(x.shape[a] for a in red_axes)
-  pick = _sample(x.shape, red_axes,
-                 min(PILOT_SIZE, max(1, values // PILOT_SHARE)))
+  size = PILOT_SIZE
+  if per_group:
+    values = math.prod(x.shape[a] for a in red_axes)
+    size = min(size, max(1, values // PILOT_SHARE))
+  pick = _sample(x.shape, red_axes, size)
   xs = x[pick].astype(sdt)
   points = list(itertools.product(*(
       range(xs.shape[a]) if a in red_axes else [slice(None)]
@@ -194,8 +197,7 @@ def local_sums(x: Array, red_axes: tuple[int, ...], mask: Array | None,
 
   ``S1`` and ``S2`` are two reductions over ONE read of ``x`` (fused on
   GPU/TPU; each fused with its own producer on CPU, see :mod:`jbn._cpu`,
-  where sums of a few values per feature, and per-group sums, are folded:
-  :func:`jbn._cpu.reduce_sum`).
+  where per-group sums are folded: :func:`jbn._cpu.reduce_sum`).
   Masked-out values never reach the sums, not even as ``0 * nan``.
   ``view`` (e.g. a ghost-batch reshape) is applied to ``x`` and ``mask``
   before the CPU barriers, so that each reduction reads a bitcast of the
@@ -203,8 +205,9 @@ def local_sums(x: Array, red_axes: tuple[int, ...], mask: Array | None,
   the viewed shape.
   """
   sdt = shift.dtype
-  # Per-group sums (a view: ghost batches) also fold partially on CPU.
-  partial = view is not None
+  # Per-group sums (a view: ghost batches) are folded on CPU.
+  total = _cpu.reduce_sum if view is not None else functools.partial(
+      jnp.sum, keepdims=True)
   view = view or (lambda a: a)
 
   def shifted(x, shift, mask):
@@ -213,8 +216,8 @@ def local_sums(x: Array, red_axes: tuple[int, ...], mask: Array | None,
 
   x, mask = view(x), view(mask)
   d1, d2 = _cpu.private_map(shifted, (x, shift, mask), 2)
-  s1 = _cpu.reduce_sum(d1, red_axes, partial=partial)
-  s2 = _cpu.reduce_sum(d2 * d2, red_axes, partial=partial)
+  s1 = total(d1, red_axes)
+  s2 = total(d2 * d2, red_axes)
   if mask is None:
     n = jnp.full(s1.shape, math.prod(x.shape[a] for a in red_axes), sdt)
   else:
@@ -240,7 +243,7 @@ def local_moments(x: Array, red_axes: tuple[int, ...],
   ``view``: see :func:`local_sums`.
   """
   v = view or (lambda a: a)
-  shift = pilot_shift(v(x), red_axes, v(mask))
+  shift = pilot_shift(v(x), red_axes, v(mask), per_group=view is not None)
   s1, s2, n = local_sums(x, red_axes, mask, shift, view)
   return from_sums(n, shift, s1, s2)
 

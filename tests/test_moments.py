@@ -125,20 +125,22 @@ def test_moments_errors(call, error, message):
     call()
 
 
-@pytest.mark.parametrize("shape,rows", [((4, 8, 3), [0]), ((4, 16, 3), [0, 8]),
-                                        ((64, 3), range(0, 64, 8)),
-                                        ((512, 3), range(0, 512, 32))])
-def test_pilot_sample_is_at_most_an_eighth_of_the_values(rng, shape, rows):
-  """The shift is the mean of at most 1/8 of the values (at least one, at
-  most PILOT_SIZE = 16): for ghost batches of 8 rows, their first row.
+@pytest.mark.parametrize("shape,rows,per_group", [
+    ((4, 8, 3), [0], True), ((4, 16, 3), [0, 8], True),
+    ((64, 3), range(0, 64, 8), True), ((512, 3), range(0, 512, 32), True),
+    ((64, 3), range(0, 64, 4), False), ((8, 3), range(8), False)])
+def test_pilot_sample(rng, shape, rows, per_group):
+  """The shift is the mean of a strided sample of 16 values; per group
+  (ghost batches), of at most 1/8 of them: a group of 8 rows, its first.
 
-  A sample of 16 values read every value of a group of 8: a whole extra
-  pass over x (2-D ghost fwd+bwd was 1.2-1.8x plain batch norm).
+  A sample of 16 values read every value of a ghost batch of 8: a whole
+  extra pass over x (2-D ghost fwd+bwd was 1.2-1.8x plain batch norm).
   """
   from jbn import _moments
   x = rng.normal(size=shape).astype(np.float32) + 100
   axis = len(shape) - 2  # the group's rows (the ghost view's axis 1)
-  shift = np.asarray(_moments.pilot_shift(jnp.asarray(x), (axis,)))
+  shift = np.asarray(_moments.pilot_shift(jnp.asarray(x), (axis,),
+                                          per_group=per_group))
   picked = np.take(x, list(rows), axis=axis).astype(np.float64)
   np.testing.assert_allclose(shift, picked.mean(axis, keepdims=True),
                              rtol=1e-6)
