@@ -16,7 +16,6 @@ and leave no activation-sized temporary.
 from __future__ import annotations
 
 import functools
-import numbers
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple

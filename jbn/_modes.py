@@ -23,7 +23,6 @@ groups' statistics are combined into one running-statistics update.
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, NamedTuple
 
