@@ -24,12 +24,15 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
-# Sums on CPU (reduce_sum) and their transposes (tile) fold by halves. XLA:CPU
-# fuses up to 3 halvings into one loop; a deeper fold is split after its
-# first halving (an x / 2 temporary). So: at most FOLD_MAX values per output
-# are folded all the way; larger ones fold FOLD_LEVELS halvings, then reduce.
+# Sums on CPU (reduce_sum) and their transposes (tile) fold by halves. At
+# most FOLD_MAX values per output are folded all the way (one loop); larger
+# sums fold FOLD_LEVELS halvings (XLA:CPU makes two loops writing 1/16 of x
+# each), then reduce. Measured on 4-D ghost steps: 3 halvings, 1/4 x of
+# temporaries and 0.77-1.17x plain; 4, 1/8 x and 0.66-0.97x; 5, XLA splits
+# the fold badly (4x x in bfloat16, 1.0-1.6x); whole folds of more than 8
+# values are split after their first halving (an x/2 temporary).
 FOLD_MAX = 8
-FOLD_LEVELS = 3
+FOLD_LEVELS = 4
 
 
 def choose(*args, cpu, default):
@@ -98,20 +101,19 @@ def reduce_sum(d, axes: tuple[int, ...]):
   For per-group sums (ghost batches): XLA:CPU's reduction (YNNPACK) of the
   middle axis of ``(groups, g, C)`` runs at half the speed of its reduction
   of plain batch norm's leading axis, and a loop adding halves of the same
-  data 2-3x faster than it. On CPU, halvings (``d[:n/2] + d[n/2:]``) in one
-  parallel loop come first: all the way where at most :data:`FOLD_MAX`
-  values are added; else
-  :data:`FOLD_LEVELS` of them on one axis (the loop writes 1/8 of what it
-  reads), a barrier, and the reduction of the rest. (This also speeds plain
-  batch norm's sums 1.1-1.9x, but its temporaries would go from ~0 to 1/4
-  of ``x`` in float32; not used there.) Not for a linear map that reverse
-  mode transposes (the transpose of a slice is an ``x``-sized pad): there,
-  :func:`tile` is the broadcast whose transpose is this fold.
+  data 2-3x faster than it. On CPU, halvings (``d[:n/2] + d[n/2:]``) in
+  parallel loops come first: all the way where at most :data:`FOLD_MAX`
+  values are added; else :data:`FOLD_LEVELS` of them (the loops write 1/8
+  of what they read), a barrier, and the reduction of the rest. (This also
+  speeds plain batch norm's sums 1.1-1.9x, but its temporaries would go
+  from ~0 to 1/8 of ``x`` in float32; not used there.) Not for a linear map
+  that reverse mode transposes (the transpose of a slice is an ``x``-sized
+  pad): there, :func:`tile` is the broadcast whose transpose is this fold.
   """
   def reduce(d):
     return jnp.sum(d, axes, keepdims=True)
 
-  kind, ax = _plan(d.shape, axes)
+  kind, halvings = _plan(d.shape, axes)
   if kind is None:
     return reduce(d)
 
@@ -120,7 +122,7 @@ def reduce_sum(d, axes: tuple[int, ...]):
       for a in axes:
         d = _halve(d, a)
       return d
-    for _ in range(FOLD_LEVELS):
+    for ax in halvings:
       d = _half(d, ax)
     return reduce(lax.optimization_barrier(d))
 
@@ -131,13 +133,13 @@ def tile(w, shape, axes: tuple[int, ...]):
   """``jnp.broadcast_to(w, shape)`` for a ``w`` of size 1 on ``axes``.
 
   On CPU, the mirror of :func:`reduce_sum`: doubling concatenations (after
-  a broadcast to 1/8 of ``shape`` and a barrier, for a partial fold), so
+  a broadcast to 1/16 of ``shape`` and a barrier, for a partial fold), so
   that transposed (reverse mode) the sum over ``axes`` is that fold.
   """
   def broadcast(w):
     return jnp.broadcast_to(w, shape)
 
-  kind, ax = _plan(shape, axes)
+  kind, halvings = _plan(shape, axes)
   if kind is None:
     return broadcast(w)
 
@@ -147,9 +149,10 @@ def tile(w, shape, axes: tuple[int, ...]):
         w = _double(w, a, shape[a])
       return w
     part = list(shape)
-    part[ax] //= 2 ** FOLD_LEVELS
+    for ax in halvings:
+      part[ax] //= 2
     w = lax.optimization_barrier(jnp.broadcast_to(w, part))
-    for _ in range(FOLD_LEVELS):
+    for ax in reversed(halvings):
       w = lax.concatenate([w, w], ax)
     return w
 
@@ -157,19 +160,25 @@ def tile(w, shape, axes: tuple[int, ...]):
 
 
 def _plan(shape, axes: tuple[int, ...]):
-  """``("whole", None)``, ``("part", axis)`` or ``(None, None)`` (no fold).
+  """``("whole", None)``, ``("part", halvings)`` or ``(None, None)``.
 
-  Whole: at most :data:`FOLD_MAX` values per output. Part: the first of
-  ``axes`` whose size ``2**FOLD_LEVELS`` divides.
+  Whole: at most :data:`FOLD_MAX` values per output, every axis folded.
+  Part: :data:`FOLD_LEVELS` halvings of even sizes, taken from ``axes`` in
+  order (the axes of each, in order). None: no fold (a plain reduction).
   """
   if 0 in shape or not axes:
     return None, None
   if math.prod(shape[a] for a in axes) <= FOLD_MAX:
     return "whole", None
+  halvings = []
   for ax in axes:
-    if shape[ax] % 2 ** FOLD_LEVELS == 0:
-      return "part", ax
-  return None, None
+    n = shape[ax]
+    while n % 2 == 0 and len(halvings) < FOLD_LEVELS:
+      halvings.append(ax)
+      n //= 2
+  if len(halvings) < FOLD_LEVELS:
+    return None, None
+  return "part", halvings
 
 
 def _double(w, ax: int, n: int):
