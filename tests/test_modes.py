@@ -104,6 +104,16 @@ def _renorm_reference(x, scale, bias, mean, var, eps, rmax, dmax, rmin,
     return np.asarray(y), grads
 
 
+def _jbn_fwd_bwd(params, state, x, ct, **mode):
+  """jbn's train-mode ``(y, dparams, dx)`` for the cotangent ``ct``, jitted."""
+  @jax.jit
+  def run(p, x):
+    y, vjp = jax.vjp(
+        lambda p, x: jbn.batch_norm(p, state, x, True, **mode)[0], p, x)
+    return (y, *vjp(jnp.asarray(ct)))
+  return run(params, jnp.asarray(x))
+
+
 @pytest.mark.parametrize("rmax,dmax", [(1.5, 0.2), (3.0, 5.0), (1.01, 0.0)])
 @pytest.mark.parametrize("masked", [False, True], ids=["", "mask"])
 def test_renorm_matches_float64_reference(rng, rmax, dmax, masked):
@@ -118,12 +128,7 @@ def test_renorm_matches_float64_reference(rng, rmax, dmax, masked):
   ct = rng.normal(size=x.shape).astype(np.float32)
   clip = jbn.RenormClip(rmax, dmax)
 
-  @jax.jit
-  def run(p, x):
-    y, vjp = jax.vjp(lambda p, x: jbn.batch_norm(
-        p, state, x, True, renorm=clip, mask=mask)[0], p, x)
-    return y, vjp(jnp.asarray(ct))
-  y, (dp, dx) = run(params, jnp.asarray(x))
+  y, dp, dx = _jbn_fwd_bwd(params, state, x, ct, renorm=clip, mask=mask)
   y_ref, vjp_ref = _renorm_reference(
       x, params["scale"], params["bias"], state["mean"], state["var"], 1e-5,
       rmax, dmax, 1 / rmax, mask)
@@ -244,9 +249,7 @@ def test_ghost_gradients_equal_per_group_torch_batch_norm(rng):
   bias = rng.normal(size=c).astype(np.float32)
   params = {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}
   _, state = jbn.init(c)
-  y, vjp = jax.vjp(lambda p, x: jbn.batch_norm(
-      p, state, x, True, ghost_batch_size=g)[0], params, jnp.asarray(x))
-  dp, dx = vjp(jnp.asarray(ct))
+  y, dp, dx = _jbn_fwd_bwd(params, state, x, ct, ghost_batch_size=g)
 
   xt = torch.tensor(x, requires_grad=True)
   st = torch.tensor(scale, requires_grad=True)
@@ -294,9 +297,11 @@ def test_ghost_statistics_at_large_offsets(rng, offset, g):
   _, new = jbn.batch_norm(params, state, jnp.asarray(x), True, momentum=0.0,
                           ghost_batch_size=g)
   groups = x.astype(np.float64).reshape(-1, g, 6)
+  # float32-level bounds with room for another CPU's summation order (a
+  # zero shift is off by ~1 relative at 1e4, and by far more at 3e5).
   np.testing.assert_allclose(new["mean"], groups.mean(1).mean(0), rtol=1e-6,
-                             atol=1e-6)
-  np.testing.assert_allclose(new["var"], groups.var(1).mean(0), rtol=2e-6)
+                             atol=1e-5)
+  np.testing.assert_allclose(new["var"], groups.var(1).mean(0), rtol=1e-5)
 
 
 def test_ghost_masked_group_contributes_nothing(rng):
@@ -361,12 +366,8 @@ def test_ghost_gradients_match_float64_reference(rng, shape, g, masked):
   _, state = jbn.init(c)
   ct = rng.normal(size=shape).astype(np.float32)
 
-  @jax.jit
-  def run(p, x):
-    y, vjp = jax.vjp(lambda p, x: jbn.batch_norm(
-        p, state, x, True, mask=mask, ghost_batch_size=g)[0], p, x)
-    return y, vjp(jnp.asarray(ct))
-  y, (dp, dx) = run(params, jnp.asarray(x))
+  y, dp, dx = _jbn_fwd_bwd(params, state, x, ct, mask=mask,
+                           ghost_batch_size=g)
 
   y_ref, dx_ref = np.zeros(shape), np.zeros(shape)
   ds_ref, db_ref = np.zeros(c), np.zeros(c)

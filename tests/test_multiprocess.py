@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 train together (jax.distributed, gloo on CPU),
 and stop promptly, naming the lost process, when the other one dies."""
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -36,17 +37,28 @@ def _start(workdir, flags, address):
       text=True) for i in range(2)]
 
 
-def _outputs_of_successful_runs(procs, timeout=150):
-  """Each process's output, once all have exited with status 0."""
-  outputs = []
+@contextlib.contextmanager
+def _reaped(procs):
+  """Kills whichever of ``procs`` is still running on the way out."""
   try:
-    for p in procs:
-      out, _ = p.communicate(timeout=timeout)
-      outputs.append(out)
+    yield procs
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+
+
+def _survivor_output(procs, survivor, timeout):
+  """``(output, seconds)`` of ``procs[survivor]`` until it exits."""
+  t0 = time.perf_counter()
+  out, _ = procs[survivor].communicate(timeout=timeout)
+  return out, time.perf_counter() - t0
+
+
+def _outputs_of_successful_runs(procs, timeout=150):
+  """Each process's output, once all have exited with status 0."""
+  with _reaped(procs):
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
   for i, (p, out) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {i} failed:\n{out}"
   return outputs
@@ -118,7 +130,7 @@ def test_when_a_process_dies_the_other_stops_and_names_it(tmp_path, victim):
   workdir = str(tmp_path / "run")
   flags = [*FLAGS, "--epochs", "200", "--checkpoint-every", "600"]
   procs = _start(workdir, flags, f"127.0.0.1:{helpers.free_port()}")
-  try:
+  with _reaped(procs):
     lines = []
     for line in procs[0].stdout:  # training is under way: epoch 3 is done
       lines.append(line)
@@ -126,13 +138,7 @@ def test_when_a_process_dies_the_other_stops_and_names_it(tmp_path, victim):
         break
     assert lines and lines[-1].startswith("epoch   3/"), "".join(lines)
     procs[victim].send_signal(signal.SIGKILL)
-    t0 = time.perf_counter()
-    out, _ = procs[survivor].communicate(timeout=60)
-    seconds = time.perf_counter() - t0
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+    out, seconds = _survivor_output(procs, survivor, 60)
   assert procs[survivor].returncode != 0, out
   assert seconds < 30, out
   assert re.search(rf"error: process {survivor} of 2: lost process {victim} "
@@ -156,14 +162,8 @@ def test_a_process_in_a_checkpoint_barrier_names_the_lost_one(victim):
       [sys.executable, "tests/barrier_worker.py", str(i), str(victim),
        address], cwd=ROOT, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    t0 = time.perf_counter()
-    out, _ = procs[survivor].communicate(timeout=90)
-    seconds = time.perf_counter() - t0
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  with _reaped(procs):
+    out, seconds = _survivor_output(procs, survivor, 90)
   assert f"process {survivor} ready" in out, out[-3000:]
   assert procs[survivor].returncode == errors.EXIT_LOST_PROCESS, out[-3000:]
   assert re.search(rf"error: process {survivor} of 2: lost process {victim} "
